@@ -290,11 +290,15 @@ class Graph:
     def insert_after(self, anchor: Node, nodes: Node | Sequence[Node]) -> None:
         self.insert_before(anchor._next, nodes)
 
-    def erase(self, node: Node) -> None:
-        """Remove a node whose outputs nobody uses; its input uses (and its subgraphs') are dropped."""
+    def erase(self, node: Node, *, keep_outputs: bool = False) -> None:
+        """Remove a node whose outputs nobody uses; its input uses (and its subgraphs') are dropped.
+
+        ``keep_outputs=True`` detaches the outputs instead, uses and all, so the
+        caller can re-home them (e.g. as initializers that replace a Constant node).
+        """
         if node.graph is not self:
             raise ValueError(f"{node!r} is not in graph {self.name!r}")
-        for out in node._outputs:
+        for out in node._outputs if not keep_outputs else ():
             if out.has_uses() or out.is_graph_output():
                 users = ", ".join(u.label() for u in out.users()) or "graph output"
                 raise GraphStructureError(f"cannot erase: output {out.name!r} is still used by {users}",
@@ -303,6 +307,10 @@ class Graph:
         for sub in node.subgraphs():
             for inner in sub.walk_nodes():
                 inner._detach_inputs()
+        if keep_outputs:
+            for out in node._outputs:
+                out.producer, out.graph = None, None
+            node._outputs = []
         node._prev._next, node._next._prev = node._next, node._prev
         node._prev = node._next = None
         node.graph = None

@@ -26,7 +26,7 @@ from .exporter import Exporter, ExternalSink, data_file_name, total_weight_bytes
 from .importer import Importer
 from .wire import ScannedModel, scan_model, write_model
 
-__all__ = ["load", "save", "to_proto", "to_bytes", "ModelLike"]
+__all__ = ["load", "save", "to_proto", "to_bytes", "to_proto_without_weights", "ModelLike"]
 
 ModelLike = str | os.PathLike | bytes | onnx.ModelProto
 PROTOBUF_LIMIT = 2_000_000_000  # a single protobuf message cannot exceed 2 GiB; stay below it
@@ -161,3 +161,20 @@ def _atomic(path: str) -> Iterator[io.BufferedWriter]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def to_proto_without_weights(model: Model, max_inline_bytes: int = 4096) -> onnx.ModelProto:
+    """The model with big top-level initializers turned into typed graph inputs.
+
+    For analyses that need shapes and small constants (shape inference with data
+    propagation) but not the weights, at a fraction of the memory.
+    """
+    exporter = Exporter()
+    proto = exporter.model(model)
+    for value in model.graph.initializers.values():
+        tensor = value.const
+        if tensor.size * tensor.dtype.itemsize <= max_inline_bytes:
+            proto.graph.initializer.append(exporter.tensor(tensor, value.name))
+        elif not value.is_graph_input():
+            proto.graph.input.append(exporter.value_info(value))
+    return proto

@@ -1,0 +1,65 @@
+"""The main job as a library call: run a pass pipeline over a model, optionally checking every step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .ir import Model
+from .ir import verify as verify_ir
+from .onnx_io import ModelLike, load, to_bytes
+from .pipeline import (
+    Instrument,
+    NumericsInstrument,
+    PassContext,
+    PassManager,
+    PipelineReport,
+    VerifyIRInstrument,
+)
+
+
+@dataclass
+class OptimizeResult:
+    model: Model
+    pipeline: PipelineReport
+    nodes_before: int
+    nodes_after: int
+
+
+def optimize(
+    model: Model | ModelLike,
+    passes: Sequence[str] | None = None,
+    *,
+    disable: Sequence[str] = (),
+    config: Mapping[str, Any] | None = None,
+    verify_each: bool = False,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    max_iterations: int = 10,
+    instruments: Sequence[Instrument] = (),
+) -> OptimizeResult:
+    """Optimize ``model`` in place (a path/bytes/ModelProto is loaded first).
+
+    ``passes`` defaults to every lossless pass. With ``verify_each``, after
+    every pass that changed something the IR is checked and the outputs are
+    compared with the original's in onnxruntime (on ``inputs``, or inputs
+    generated for ``shapes``); the first pass that breaks either is named in
+    the PassBrokeGraph error.
+    """
+    model = load(model)
+    verify_ir(model)
+    all_instruments = list(instruments)
+    if verify_each:
+        from .verify import generate_inputs
+
+        original = model.source_path or to_bytes(model)
+        feeds = dict(inputs) if inputs is not None else generate_inputs(original, shapes=shapes)
+        all_instruments += [VerifyIRInstrument(), NumericsInstrument(original, feeds)]
+    ctx = PassContext(config=dict(config or {}), instruments=all_instruments, disabled=set(disable),
+                      max_iterations=max_iterations)
+    before = sum(1 for _ in model.nodes())
+    report = PassManager(passes, ctx).run(model)
+    return OptimizeResult(model, report, before, sum(1 for _ in model.nodes()))

@@ -1,0 +1,21 @@
+"""Pass infrastructure: Pass, PassManager, PassContext, instruments and the registry."""
+
+from .base import Pass, PassResult, model_pass
+from .context import PassContext
+from .instruments import (
+    DumpIRInstrument,
+    Instrument,
+    NumericsInstrument,
+    PassBrokeGraph,
+    PassStats,
+    TimingInstrument,
+    VerifyIRInstrument,
+)
+from .manager import PassManager, PipelineReport
+from .registry import available_passes, default_pipeline, get_pass, register_pass
+
+__all__ = [
+    "DumpIRInstrument", "Instrument", "NumericsInstrument", "Pass", "PassBrokeGraph", "PassContext",
+    "PassManager", "PassResult", "PassStats", "PipelineReport", "TimingInstrument", "VerifyIRInstrument",
+    "available_passes", "default_pipeline", "get_pass", "model_pass", "register_pass",
+]

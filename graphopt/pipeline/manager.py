@@ -1,0 +1,78 @@
+"""Runs a list of passes to a fixed point, with instruments around every pass."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..ir import Model
+from .base import Pass, PassResult
+from .context import PassContext
+from .instruments import PassStats, TimingInstrument
+from .registry import default_pipeline, get_pass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineReport:
+    """What a pipeline run did: per-pass stats, iterations, whether it converged."""
+
+    stats: dict[str, PassStats] = field(default_factory=dict)
+    iterations: int = 0
+    converged: bool = True
+
+    @property
+    def total_changes(self) -> int:
+        return sum(s.changes for s in self.stats.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "iterations": self.iterations,
+            "converged": self.converged,
+            "passes": {name: vars(s) for name, s in self.stats.items()},
+        }
+
+
+class PassManager:
+    """Run ``passes`` (names or instances) repeatedly until none changes the model.
+
+    The iteration cap guards against two passes that undo each other; hitting it
+    is reported (``converged=False``), not an error.
+    """
+
+    def __init__(self, passes: Sequence[Pass | str] | None = None, ctx: PassContext | None = None) -> None:
+        names = default_pipeline() if passes is None else passes
+        self.ctx = ctx or PassContext()
+        self.passes = [p if isinstance(p, Pass) else get_pass(p) for p in names]
+        self.passes = [p for p in self.passes if p.name not in self.ctx.disabled]
+
+    def run(self, model: Model) -> PipelineReport:
+        timing = TimingInstrument()
+        instruments = [timing, *self.ctx.instruments]
+        report = PipelineReport(stats=timing.stats)
+        for name in (p.name for p in self.passes):
+            timing.stats.setdefault(name, PassStats())
+        report.converged = False
+        for iteration in range(1, self.ctx.max_iterations + 1):
+            report.iterations = iteration
+            changed = False
+            for pass_ in self.passes:
+                result = self._run_one(pass_, model, instruments)
+                changed |= result.modified
+            if not changed:
+                report.converged = True
+                break
+        if not report.converged:
+            log.warning("pipeline did not reach a fixed point in %d iterations", self.ctx.max_iterations)
+        return report
+
+    def _run_one(self, pass_: Pass, model: Model, instruments) -> PassResult:
+        for instrument in instruments:
+            instrument.before_pass(pass_, model, self.ctx)
+        result = pass_.run(model, self.ctx)
+        log.debug("%s: %d changes", pass_.name, result.changes)
+        for instrument in instruments:
+            instrument.after_pass(pass_, model, self.ctx, result)
+        return result
