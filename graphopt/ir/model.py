@@ -52,8 +52,8 @@ class Model:
 
     def opset(self, domain: str = "") -> int | None:
         """The imported opset version of ``domain`` ("" and "ai.onnx" are the same)."""
-        if domain == "ai.onnx":
-            domain = ""
+        if domain in ("", "ai.onnx"):
+            return self.opset_imports.get("", self.opset_imports.get("ai.onnx"))
         return self.opset_imports.get(domain)
 
     def graphs(self) -> Iterator[Graph]:

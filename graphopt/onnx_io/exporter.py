@@ -61,8 +61,7 @@ class Exporter:
         proto = _make(onnx.ModelProto, ir_version=model.ir_version, producer_name=model.producer_name,
                       producer_version=model.producer_version, domain=model.domain,
                       model_version=model.model_version, doc_string=model.doc_string)
-        for domain, version in model.opset_imports.items():
-            proto.opset_import.add(domain=domain, version=version)
+        _opsets(proto.opset_import, model.opset_imports)
         _metadata(proto.metadata_props, model.metadata)
         proto.functions.extend(self.function(f) for f in model.functions)
         proto.graph.CopyFrom(self.graph(model.graph, initializers=False))
@@ -79,8 +78,7 @@ class Exporter:
             input=[v.name for v in function.graph.inputs], output=[v.name for v in function.graph.outputs],
         )
         proto.attribute_proto.extend(self.attr(a) for a in function.attribute_defaults.values())
-        for domain, version in function.opset_imports.items():
-            proto.opset_import.add(domain=domain, version=version)
+        _opsets(proto.opset_import, function.opset_imports)
         proto.node.extend(self.node(n) for n in function.graph)
         proto.value_info.extend(self.value_info(v) for v in _typed_intermediates(function.graph))
         _metadata(proto.metadata_props, function.metadata)
@@ -240,6 +238,11 @@ def data_file_name(path: str) -> str:
 def _typed_intermediates(graph: Graph) -> list[Value]:
     return [out for node in graph for out in node.outputs
             if out.name and out.type is not None and not out.is_graph_output()]
+
+
+def _opsets(container, opsets: dict[str, int]) -> None:
+    for domain, version in opsets.items():
+        container.append(_make(onnx.OperatorSetIdProto, domain=domain, version=version))
 
 
 def _metadata(container, props: dict[str, str]) -> None:

@@ -47,7 +47,7 @@ class Importer:
     def model(self, proto: onnx.ModelProto, initializers: list[Tensor] | None = None) -> Model:
         if not proto.HasField("graph"):
             raise ModelLoadError("not an ONNX model: the file has no graph (is it an ONNX file?)")
-        opsets = {op.domain if op.domain != "ai.onnx" else "": op.version for op in proto.opset_import}
+        opsets = {op.domain: op.version for op in proto.opset_import}
         model = Model(
             graph=Graph(),
             ir_version=proto.ir_version,

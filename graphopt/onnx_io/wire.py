@@ -152,6 +152,18 @@ class Piece:
     write: Callable[[BinaryIO], None] | None = None
 
 
+def split_before(serialized: bytes, number: int) -> tuple[bytes, bytes]:
+    """Split a serialized message into its fields numbered below ``number`` and the rest.
+
+    Serialized protos list fields in number order; writing the streamed field in
+    its place keeps the output byte-identical to what protobuf itself would write.
+    """
+    for f in iter_fields(serialized, 0, len(serialized)):
+        if f.number > number:
+            return serialized[: f.start], serialized[f.start :]
+    return serialized, b""
+
+
 def write_model(
     out: BinaryIO, model_rest: bytes, graph_rest: bytes, initializer_pieces: list[list[Piece]]
 ) -> int:
@@ -162,9 +174,11 @@ def write_model(
     """
     bodies = [(sum(p.length for p in pieces), pieces) for pieces in initializer_pieces]
     graph_length = len(graph_rest) + sum(len(field_header(GRAPH_INITIALIZER, n)) + n for n, _ in bodies)
-    out.write(model_rest)
+    model_head, model_tail = split_before(model_rest, MODEL_GRAPH)
+    graph_head, graph_tail = split_before(graph_rest, GRAPH_INITIALIZER)
+    out.write(model_head)
     out.write(field_header(MODEL_GRAPH, graph_length))
-    out.write(graph_rest)
+    out.write(graph_head)
     for length, pieces in bodies:
         out.write(field_header(GRAPH_INITIALIZER, length))
         for piece in pieces:
@@ -172,4 +186,6 @@ def write_model(
                 out.write(piece.data)
             else:
                 piece.write(out)
+    out.write(graph_tail)
+    out.write(model_tail)
     return len(model_rest) + len(field_header(MODEL_GRAPH, graph_length)) + graph_length

@@ -11,11 +11,11 @@ from .instruments import (
     TimingInstrument,
     VerifyIRInstrument,
 )
-from .manager import PassManager, PipelineReport
+from .manager import PassManager, PipelineReport, instrument_all
 from .registry import available_passes, default_pipeline, get_pass, register_pass
 
 __all__ = [
     "DumpIRInstrument", "Instrument", "NumericsInstrument", "Pass", "PassBrokeGraph", "PassContext",
     "PassManager", "PassResult", "PassStats", "PipelineReport", "TimingInstrument", "VerifyIRInstrument",
-    "available_passes", "default_pipeline", "get_pass", "model_pass", "register_pass",
+    "available_passes", "default_pipeline", "get_pass", "instrument_all", "model_pass", "register_pass",
 ]

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ..ir import Model
 from .base import Pass, PassResult
 from .context import PassContext
-from .instruments import PassStats, TimingInstrument
+from .instruments import Instrument, PassStats, TimingInstrument
 from .registry import default_pipeline, get_pass
 
 log = logging.getLogger(__name__)
+
+# Instruments applied to every PassManager run inside ``instrument_all`` (tests use it
+# to check the IR after every pass of every pipeline).
+_GLOBAL_INSTRUMENTS: list[Instrument] = []
+
+
+@contextlib.contextmanager
+def instrument_all(*instruments: Instrument) -> Iterator[None]:
+    """Add ``instruments`` to every pipeline run in this block."""
+    _GLOBAL_INSTRUMENTS.extend(instruments)
+    try:
+        yield
+    finally:
+        for instrument in instruments:
+            _GLOBAL_INSTRUMENTS.remove(instrument)
 
 
 @dataclass
@@ -50,7 +66,7 @@ class PassManager:
 
     def run(self, model: Model) -> PipelineReport:
         timing = TimingInstrument()
-        instruments = [timing, *self.ctx.instruments]
+        instruments = [timing, *self.ctx.instruments, *_GLOBAL_INSTRUMENTS]
         report = PipelineReport(stats=timing.stats)
         for name in (p.name for p in self.passes):
             timing.stats.setdefault(name, PassStats())

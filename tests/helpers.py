@@ -1,0 +1,46 @@
+"""Small helpers for tests: models from ONNX text, onnxruntime runs, proto comparison."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime as ort
+from google.protobuf import json_format
+
+
+def parse(text: str) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model)
+    return model
+
+
+def run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def normalized(message) -> dict:
+    """A proto as a dict without default-valued fields (proto2 presence aside) and with
+    value_info as a name-keyed mapping (order is not meaningful there)."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return _strip(data)
+
+
+def _strip(data):
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            value = _strip(value)
+            if value in ("", 0, [], {}, "0", None):
+                continue
+            if key == "value_info" and isinstance(value, list):
+                value = {v["name"]: v for v in value}
+            out[key] = value
+        return out
+    if isinstance(data, list):
+        return [_strip(v) for v in data]
+    return data
