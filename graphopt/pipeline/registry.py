@@ -55,6 +55,13 @@ def _load() -> None:
             register_pass(obj)
 
 
+def refresh_plugins() -> None:
+    """Look for entry points again (after installing a plugin into a running process)."""
+    global _loaded
+    _loaded = False
+    _load()
+
+
 def available_passes() -> dict[str, type[Pass]]:
     """Every registered pass, in registration order."""
     _load()
