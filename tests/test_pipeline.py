@@ -13,8 +13,15 @@ from graphopt.errors import GraphoptError
 from graphopt.ir import ArrayTensor, Node
 from graphopt.optimize import optimize
 from graphopt.pipeline import (
-    PassBrokeGraph, PassContext, PassManager, available_passes, default_pipeline, get_pass, model_pass,
+    PassBrokeGraph,
+    PassContext,
+    PassManager,
+    available_passes,
+    default_pipeline,
+    get_pass,
+    model_pass,
     refresh_plugins,
+    unregister_pass,
 )
 from tests.helpers import parse
 
@@ -122,6 +129,7 @@ def test_plugin_pass_found_through_entry_point(tmp_path, monkeypatch):
         optimize(model, ["tag-weights", "remove-identity"])
         assert "plugin_was_here" in model.graph.initializers
     finally:
+        unregister_pass("tag-weights")
         sys.modules.pop("graphopt_demo_plugin", None)
 
 

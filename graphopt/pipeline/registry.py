@@ -37,6 +37,11 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
+def unregister_pass(name: str) -> None:
+    """Forget a pass (tests, or a host application that replaces a pass)."""
+    _REGISTRY.pop(name, None)
+
+
 def _load() -> None:
     global _loaded
     if _loaded:
