@@ -20,10 +20,10 @@ demo: setup
 	$(PY) tools/demo.py
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow
 
 lint: setup
 	$(VENV)/bin/ruff check graphopt passes targets tools tests
