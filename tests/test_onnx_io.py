@@ -32,7 +32,8 @@ def kitchen_sink() -> onnx.ModelProto:
     else_g = helper.make_graph([helper.make_node("Sub", ["h", "one"], ["e_out"])], "else",
                                [], [helper.make_tensor_value_info("e_out", T.FLOAT, ["N", 4])])
     body = helper.make_graph(
-        [helper.make_node("Add", ["acc_in", "h_sum"], ["acc_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        [helper.make_node("Add", ["acc_in", "h_sum"], ["acc_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
         "body",
         [helper.make_tensor_value_info("iter", T.INT64, []), helper.make_tensor_value_info("cond_in", T.BOOL, []),
          helper.make_tensor_value_info("acc_in", T.FLOAT, [])],

@@ -25,7 +25,8 @@ from .types import Attr, TensorType, ValueType
 class Value:
     """An SSA value: a graph input, an initializer, or a node output."""
 
-    __slots__ = ("name", "type", "producer", "index", "_uses", "const", "doc_string", "graph", "meta")
+    __slots__ = ("name", "type", "producer", "index", "_uses", "const", "doc_string", "metadata", "graph", "meta",
+                 "in_value_info")
 
     def __init__(
         self,
@@ -41,6 +42,10 @@ class Value:
         self._uses: dict[tuple[Node, int], None] = {}
         self.const = const
         self.doc_string = ""
+        self.metadata: dict[str, str] = {}  # ONNX ValueInfoProto.metadata_props
+        # Declared in the graph's value_info (kept for initializers and inputs of
+        # subgraphs, which exporters sometimes describe there too).
+        self.in_value_info = False
         self.graph: Graph | None = None
         self.meta: dict[str, Any] = {}
 

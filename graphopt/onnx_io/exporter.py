@@ -121,6 +121,7 @@ class Exporter:
         proto = _make(onnx.ValueInfoProto, name=value.name, doc_string=value.doc_string)
         if value.type is not None:
             proto.type.CopyFrom(type_proto(value.type))
+        _metadata(proto.metadata_props, value.metadata)
         return proto
 
     def tensor(self, tensor: Tensor, name: str | None = None) -> onnx.TensorProto:
@@ -236,8 +237,11 @@ def data_file_name(path: str) -> str:
 
 
 def _typed_intermediates(graph: Graph) -> list[Value]:
-    return [out for node in graph for out in node.outputs
-            if out.name and out.type is not None and not out.is_graph_output()]
+    """Values to describe in value_info: typed node outputs, plus anything the source declared there."""
+    declared = [v for v in graph.values() if v.in_value_info and v.producer is None and not v.is_graph_input()]
+    produced = [out for node in graph for out in node.outputs
+                if out.name and (out.type is not None or out.metadata or out.in_value_info)]
+    return [v for v in declared + produced if not v.is_graph_output()]
 
 
 def _opsets(container, opsets: dict[str, int]) -> None:

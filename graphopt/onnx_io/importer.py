@@ -99,7 +99,7 @@ class Importer:
             graph.extras[14] = [a.SerializeToString() for a in proto.quantization_annotation]
         for vi in proto.input:
             value = self._define(scope, Value(vi.name, self.value_type(vi.type)), f"graph {graph.name!r}")
-            value.doc_string = vi.doc_string
+            _describe(value, vi)
             graph.add_input(value)
         tensors = initializers if initializers is not None else [self.tensor(t) for t in proto.initializer]
         tensors = tensors + [self.sparse_tensor(t) for t in proto.sparse_initializer]
@@ -118,8 +118,7 @@ class Importer:
             declared = self.value_type(vi.type)
             if declared is not None:
                 value.type = declared
-            if vi.doc_string:
-                value.doc_string = vi.doc_string
+            _describe(value, vi)
             graph.outputs.append(value)
         if not _is_topological(graph):
             graph.toposort()
@@ -150,7 +149,8 @@ class Importer:
             if value is None:
                 continue  # stale entry for a value that no longer exists
             value.type = self.value_type(vi.type) or value.type
-            value.doc_string = vi.doc_string or value.doc_string
+            value.in_value_info = True
+            _describe(value, vi)
 
     @staticmethod
     def _define(scope: _Scope, value: Value, where: str) -> Value:
@@ -242,6 +242,12 @@ class Importer:
         flat_index = indices if indices.ndim == 1 else np.ravel_multi_index(indices.T, dense.shape)
         dense.reshape(-1)[flat_index] = values
         return ArrayTensor(dense, proto.values.name, proto.values.data_type)
+
+
+def _describe(value: Value, info: onnx.ValueInfoProto) -> None:
+    """Doc string and metadata of a ValueInfoProto onto its value (where there are any)."""
+    value.doc_string = info.doc_string or value.doc_string
+    value.metadata.update((p.key, p.value) for p in info.metadata_props)
 
 
 def _decode(data: bytes) -> str:

@@ -17,5 +17,6 @@ from .registry import available_passes, default_pipeline, get_pass, refresh_plug
 __all__ = [
     "DumpIRInstrument", "Instrument", "NumericsInstrument", "Pass", "PassBrokeGraph", "PassContext",
     "PassManager", "PassResult", "PassStats", "PipelineReport", "TimingInstrument", "VerifyIRInstrument",
-    "available_passes", "default_pipeline", "get_pass", "instrument_all", "model_pass", "refresh_plugins", "register_pass", "unregister_pass",
+    "available_passes", "default_pipeline", "get_pass", "instrument_all", "model_pass", "refresh_plugins",
+    "register_pass", "unregister_pass",
 ]

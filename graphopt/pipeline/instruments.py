@@ -87,7 +87,7 @@ class NumericsInstrument(Instrument):
         self._verify = verify
         self.inputs = inputs
         self.rtol, self.atol = rtol, atol
-        self.reference = verify.run_model(original, inputs)
+        self.reference = verify.reference_outputs(original, inputs)
         self._original = original
 
     def after_pass(self, pass_, model, ctx, result) -> None:
@@ -96,8 +96,8 @@ class NumericsInstrument(Instrument):
         from ..onnx_io import to_bytes
 
         candidate = to_bytes(model)
-        report = self._verify.verify_models(self._original, candidate, inputs=self.inputs,
-                                            rtol=self.rtol, atol=self.atol)
+        report = self._verify.verify_models(self._original, candidate, inputs=self.inputs, rtol=self.rtol,
+                                            atol=self.atol, reference=self.reference)
         if not report.ok:
             raise PassBrokeGraph(pass_.name, "changed the model's outputs", report)
 

@@ -1,0 +1,1 @@
+"""Lowering to hardware targets (installed as ``graphopt.targets``)."""
