@@ -7,6 +7,7 @@ mismatch exits 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,11 @@ EXIT_USER_ERROR = 2
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+
+
+def step(text: str):
+    """A spinner on stderr for a step that may take a while (only on a terminal)."""
+    return err.status(text) if err.is_terminal else contextlib.nullcontext()
 
 
 def parse_shapes(items: Sequence[str] | None) -> dict[str, list[int]]:
@@ -53,7 +59,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .summary import summarize
 
     bindings = {k: v[0] for k, v in parse_shapes(args.shape).items() if len(v) == 1}
-    summary = summarize(load(args.model), bindings)
+    with step("loading and inferring shapes"):
+        summary = summarize(load(args.model), bindings)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
         return 0
@@ -96,22 +103,27 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise GraphoptError("the output path is the input file", hint="write the optimized model to a new path")
     shapes = parse_shapes(args.shape)
     inputs = _user_inputs(args)
-    model = load(args.model)
+    with step("loading"):
+        model = load(args.model)
     start = time.perf_counter()
-    result = optimize(model, _split(args.passes), disable=_split(args.disable) or (), verify_each=args.verify_each,
-                      inputs=inputs, shapes=shapes, max_iterations=args.max_iterations)
+    with step("optimizing" + (" (verifying every pass)" if args.verify_each else "")):
+        result = optimize(model, _split(args.passes), disable=_split(args.disable) or (),
+                          verify_each=args.verify_each, inputs=inputs, shapes=shapes,
+                          max_iterations=args.max_iterations)
     elapsed = time.perf_counter() - start
     verdict = None
     if args.verify:
         from .verify import verify_models
 
-        verdict = verify_models(args.model, to_bytes(model), inputs=inputs, shapes=shapes,
-                                rtol=args.rtol, atol=args.atol)
+        with step("verifying against the original in onnxruntime"):
+            verdict = verify_models(args.model, to_bytes(model), inputs=inputs, shapes=shapes,
+                                    rtol=args.rtol, atol=args.atol)
         if not verdict.ok:
             _print_verify(verdict, args.json)
             err.print("[red]error:[/] the optimized model does not match the original; nothing was written")
             return EXIT_MISMATCH
-    save(model, args.output)
+    with step(f"writing {args.output}"):
+        save(model, args.output)
     if args.json:
         print(json.dumps({"output": args.output, "nodes_before": result.nodes_before,
                           "nodes_after": result.nodes_after, "seconds": elapsed,
@@ -144,8 +156,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for path in (args.original, args.candidate):
         if not os.path.exists(path):
             raise GraphoptError(f"no such model file: {path}")
-    report = verify_models(args.original, args.candidate, inputs=_user_inputs(args), shapes=parse_shapes(args.shape),
-                           rtol=args.rtol, atol=args.atol)
+    with step("running both models in onnxruntime"):
+        report = verify_models(args.original, args.candidate, inputs=_user_inputs(args),
+                               shapes=parse_shapes(args.shape), rtol=args.rtol, atol=args.atol)
     _print_verify(report, args.json)
     return 0 if report.ok else EXIT_MISMATCH
 

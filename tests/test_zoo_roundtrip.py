@@ -3,7 +3,6 @@ keeps the outputs, at the primary and at a second valid input shape."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 
