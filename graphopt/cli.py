@@ -21,7 +21,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import GraphoptError
-from .onnx_io import load, save, to_bytes
+from .onnx_io import load, runnable, save
 from .pipeline import available_passes, default_pipeline
 
 EXIT_MISMATCH = 1
@@ -115,8 +115,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.verify:
         from .verify import verify_models
 
-        with step("verifying against the original in onnxruntime"):
-            verdict = verify_models(args.model, to_bytes(model), inputs=inputs, shapes=shapes,
+        with step("verifying against the original in onnxruntime"), \
+                runnable(model, os.path.dirname(os.path.abspath(args.output))) as candidate:
+            verdict = verify_models(args.model, candidate, inputs=inputs, shapes=shapes,
                                     rtol=args.rtol, atol=args.atol)
         if not verdict.ok:
             _print_verify(verdict, args.json)

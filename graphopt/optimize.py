@@ -55,7 +55,7 @@ def optimize(
     if verify_each:
         from .verify import generate_inputs
 
-        original = model.source_path or to_bytes(model)
+        original = model.source_path or to_bytes(model)  # (a model over 2 GB comes from a path)
         feeds = dict(inputs) if inputs is not None else generate_inputs(original, shapes=shapes)
         all_instruments += [VerifyIRInstrument(), NumericsInstrument(original, feeds)]
     ctx = PassContext(config=dict(config or {}), instruments=all_instruments, disabled=set(disable),

@@ -26,7 +26,7 @@ from .exporter import Exporter, ExternalSink, data_file_name, total_weight_bytes
 from .importer import Importer
 from .wire import ScannedModel, scan_model, write_model
 
-__all__ = ["load", "save", "to_proto", "to_bytes", "to_proto_without_weights", "ModelLike"]
+__all__ = ["load", "save", "to_proto", "to_bytes", "to_proto_without_weights", "runnable", "ModelLike"]
 
 ModelLike = str | os.PathLike | bytes | onnx.ModelProto
 PROTOBUF_LIMIT = 2_000_000_000  # a single protobuf message cannot exceed 2 GiB; stay below it
@@ -97,6 +97,19 @@ def to_bytes(model: Model) -> bytes:
     out = io.BytesIO()
     _write(model, out, Exporter())
     return out.getvalue()
+
+
+@contextlib.contextmanager
+def runnable(model: Model, workdir: str | None = None) -> Iterator[bytes | str]:
+    """The model in a form onnxruntime can load: bytes, or for models over the 2 GB
+    protobuf limit a temporary file with external data (in ``workdir``), removed after."""
+    if total_weight_bytes(model) <= PROTOBUF_LIMIT:
+        yield to_bytes(model)
+        return
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".graphopt-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        save(model, path, external_data=True)
+        yield path
 
 
 def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = None) -> None:

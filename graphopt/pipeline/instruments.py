@@ -93,11 +93,11 @@ class NumericsInstrument(Instrument):
     def after_pass(self, pass_, model, ctx, result) -> None:
         if not result.modified:
             return
-        from ..onnx_io import to_bytes
+        from ..onnx_io import runnable
 
-        candidate = to_bytes(model)
-        report = self._verify.verify_models(self._original, candidate, inputs=self.inputs, rtol=self.rtol,
-                                            atol=self.atol, reference=self.reference)
+        with runnable(model) as candidate:
+            report = self._verify.verify_models(self._original, candidate, inputs=self.inputs, rtol=self.rtol,
+                                                atol=self.atol, reference=self.reference)
         if not report.ok:
             raise PassBrokeGraph(pass_.name, "changed the model's outputs", report)
 
