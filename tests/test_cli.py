@@ -102,3 +102,15 @@ def test_passes_lists_the_default_pipeline(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "remove-identity" in out and "lift-constants" in out
+
+
+def test_models_over_the_protobuf_limit_verify_through_external_data(tmp_path, capsys, monkeypatch):
+    import graphopt.onnx_io as io_module
+
+    monkeypatch.setattr(io_module, "PROTOBUF_LIMIT", 1000)  # the conv model's weights are ~10 KB
+    path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(conv_model(), path)
+    assert main(["optimize", str(path), "-o", str(out), "--verify", "--verify-each", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verify"]["ok"]
+    assert (tmp_path / "o.onnx.data").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "o.onnx", "o.onnx.data"]  # no temp left
