@@ -9,8 +9,9 @@
 from .errors import GraphoptError
 from .ir import Graph, Model, Node, Value
 from .onnx_io import load, save, to_bytes, to_proto
+from .optimize import OptimizeResult, optimize
 
 __version__ = "0.1.0"
 
-__all__ = ["Graph", "GraphoptError", "Model", "Node", "Value", "load", "save", "to_bytes", "to_proto",
-           "__version__"]
+__all__ = ["Graph", "GraphoptError", "Model", "Node", "OptimizeResult", "Value", "load", "optimize", "save",
+           "to_bytes", "to_proto", "__version__"]

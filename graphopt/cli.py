@@ -111,6 +111,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                           verify_each=args.verify_each, inputs=inputs, shapes=shapes,
                           max_iterations=args.max_iterations)
     elapsed = time.perf_counter() - start
+    explanations = _explain(model, args.explain) if args.explain else None
     verdict = None
     if args.verify:
         from .verify import verify_models
@@ -129,7 +130,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(json.dumps({"output": args.output, "nodes_before": result.nodes_before,
                           "nodes_after": result.nodes_after, "seconds": elapsed,
                           "pipeline": result.pipeline.to_dict(),
-                          "verify": verdict.to_dict() if verdict else None}, indent=2))
+                          "verify": verdict.to_dict() if verdict else None,
+                          "explain": [vars(e) for e in explanations] if explanations is not None else None},
+                         indent=2))
         return 0
     table = Table("pass", "runs", "changes", "time (ms)", title="passes")
     for name, stats in result.pipeline.stats.items():
@@ -139,7 +142,23 @@ def cmd_optimize(args: argparse.Namespace) -> int:
               f"({result.pipeline.iterations} iterations); wrote {args.output}")
     if verdict is not None:
         out.print("[green]verified:[/] outputs match the original in onnxruntime")
+    if explanations is not None:
+        table = Table("graph", "node", "verdict", title=f"rule {args.explain}: candidate anchors after optimizing")
+        for e in explanations:
+            table.add_row(e.graph, e.node, "matches" if e.matches else e.reason)
+        out.print(table if explanations else f"rule {args.explain}: no candidate anchor node in the model")
     return 0
+
+
+def _explain(model, rule_name: str):
+    """Explanations for a rule of any registered rewrite pass."""
+    from .rewrite import RewritePass
+
+    for cls in available_passes().values():
+        if issubclass(cls, RewritePass) and cls.rules.get(rule_name) is not None:
+            return cls.rules.explain(model, rule_name)
+    known = sorted(r.name for c in available_passes().values() if issubclass(c, RewritePass) for r in c.rules)
+    raise GraphoptError(f"unknown rewrite rule {rule_name!r}", hint=f"known rules: {', '.join(known) or 'none'}")
 
 
 def _user_inputs(args: argparse.Namespace):
@@ -212,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-each", action="store_true",
                    help="check the IR and the outputs after every pass; names the pass that breaks them")
     p.add_argument("--max-iterations", type=int, default=10, help="fixed-point iteration cap")
+    p.add_argument("--explain", metavar="RULE",
+                   help="after optimizing, say for each candidate node why rewrite rule RULE does not match")
     shapes_and_inputs(p)
     p.set_defaults(func=cmd_optimize)
 
