@@ -28,12 +28,15 @@ class Pass(ABC):
     """A transformation of a Model in place.
 
     Subclasses set ``name`` (how users and pipelines refer to it), ``description``,
-    and ``lossless`` (False for quantize/prune: never in the default pipeline).
+    ``lossless`` (False for quantize/prune: never in the default pipeline) and
+    ``level``: "simplify" for passes that only remove or fold what is redundant,
+    "fuse" for passes that introduce fused operators for a runtime.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     lossless: ClassVar[bool] = True
+    level: ClassVar[str] = "simplify"
 
     @abstractmethod
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -43,7 +46,8 @@ class Pass(ABC):
         return f"<pass {self.name}>"
 
 
-def model_pass(name: str, *, description: str = "", lossless: bool = True) -> Callable[[Callable], type[Pass]]:
+def model_pass(name: str, *, description: str = "", lossless: bool = True,
+               level: str = "simplify") -> Callable[[Callable], type[Pass]]:
     """Turn ``fn(model, ctx) -> int | PassResult`` into a Pass class (the function's
     docstring becomes the description)."""
 
@@ -53,8 +57,8 @@ def model_pass(name: str, *, description: str = "", lossless: bool = True) -> Ca
             return result if isinstance(result, PassResult) else PassResult(int(result))
 
         doc = description or (fn.__doc__ or "").strip().split("\n")[0]
-        cls = type(fn.__name__, (Pass,), {"name": name, "description": doc, "lossless": lossless, "run": run,
-                                         "__doc__": fn.__doc__, "__module__": fn.__module__})
+        cls = type(fn.__name__, (Pass,), {"name": name, "description": doc, "lossless": lossless, "level": level,
+                                         "run": run, "__doc__": fn.__doc__, "__module__": fn.__module__})
         return cls
 
     return wrap

@@ -82,6 +82,12 @@ def get_pass(name: str) -> Pass:
     return passes[name]()
 
 
-def default_pipeline() -> list[str]:
-    """Every lossless pass that exists, in registration order."""
-    return [name for name, cls in available_passes().items() if cls.lossless]
+LEVELS = ("simplify", "fuse")
+
+
+def default_pipeline(level: str = "fuse") -> list[str]:
+    """Every lossless pass up to ``level`` ("simplify" or "fuse"), in registration order."""
+    if level not in LEVELS:
+        raise GraphoptError(f"unknown level {level!r}", hint=f"levels: {', '.join(LEVELS)}")
+    allowed = LEVELS[: LEVELS.index(level) + 1]
+    return [name for name, cls in available_passes().items() if cls.lossless and cls.level in allowed]

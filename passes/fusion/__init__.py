@@ -1,0 +1,1 @@
+"""Operator fusions for runtimes (level "fuse"): rewrite rules that introduce fused ops."""
