@@ -22,7 +22,9 @@ from rich.text import Text
 from . import __version__
 from .errors import GraphoptError
 from .onnx_io import load, runnable, save
+from .optimize import TARGET_RUNTIMES
 from .pipeline import available_passes, default_pipeline
+from .pipeline.registry import LEVELS
 
 EXIT_MISMATCH = 1
 EXIT_USER_ERROR = 2
@@ -108,8 +110,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with step("optimizing" + (" (verifying every pass)" if args.verify_each else "")):
         result = optimize(model, _split(args.passes), disable=_split(args.disable) or (),
-                          verify_each=args.verify_each, inputs=inputs, shapes=shapes,
-                          max_iterations=args.max_iterations)
+                          level=args.level, target_runtime=args.target_runtime, verify_each=args.verify_each,
+                          inputs=inputs, shapes=shapes, max_iterations=args.max_iterations)
     elapsed = time.perf_counter() - start
     explanations = _explain(model, args.explain) if args.explain else None
     verdict = None
@@ -195,9 +197,9 @@ def _print_verify(report, as_json: bool) -> None:
 # -- passes ----------------------------------------------------------------------------
 def cmd_passes(args: argparse.Namespace) -> int:
     default = set(default_pipeline())
-    table = Table("pass", "default", "description", title="available passes")
+    table = Table("pass", "level", "default", "description", title="available passes")
     for name, cls in available_passes().items():
-        table.add_row(name, "yes" if name in default else "", cls.description)
+        table.add_row(name, cls.level, "yes" if name in default else "", cls.description)
     out.print(table)
     return 0
 
@@ -227,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--passes", help="comma-separated pass names (default: every lossless pass)")
     p.add_argument("--disable", help="comma-separated pass names to skip")
+    p.add_argument("--level", choices=LEVELS, default="fuse",
+                   help="simplify: remove and fold redundancy only; fuse (default): also fuse operators")
+    p.add_argument("--target-runtime", choices=TARGET_RUNTIMES, default="ort",
+                   help="runtime whose fused operators to use (onnxruntime)")
     p.add_argument("--verify", action="store_true", help="compare with the original in onnxruntime before writing")
     p.add_argument("--verify-each", action="store_true",
                    help="check the IR and the outputs after every pass; names the pass that breaks them")

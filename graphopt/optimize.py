@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import GraphoptError
 from .ir import Model
 from .ir import verify as verify_ir
 from .onnx_io import ModelLike, load, to_bytes
@@ -18,7 +19,10 @@ from .pipeline import (
     PassManager,
     PipelineReport,
     VerifyIRInstrument,
+    default_pipeline,
 )
+
+TARGET_RUNTIMES = ("ort",)  # runtimes whose fused operators the fusion passes know
 
 
 @dataclass
@@ -33,6 +37,8 @@ def optimize(
     model: Model | ModelLike,
     passes: Sequence[str] | None = None,
     *,
+    level: str = "fuse",
+    target_runtime: str = "ort",
     disable: Sequence[str] = (),
     config: Mapping[str, Any] | None = None,
     verify_each: bool = False,
@@ -43,7 +49,9 @@ def optimize(
 ) -> OptimizeResult:
     """Optimize ``model`` in place (a path/bytes/ModelProto is loaded first).
 
-    ``passes`` defaults to every lossless pass. With ``verify_each``, after
+    ``passes`` defaults to every lossless pass up to ``level`` ("simplify": only
+    remove and fold redundancy; "fuse": also introduce fused operators for
+    ``target_runtime``, whose choices were measured in that runtime). With ``verify_each``, after
     every pass that changed something the IR is checked and the outputs are
     compared with the original's in onnxruntime (on ``inputs``, or inputs
     generated for ``shapes``); the first pass that breaks either is named in
@@ -58,8 +66,11 @@ def optimize(
         original = model.source_path or to_bytes(model)  # (a model over 2 GB comes from a path)
         feeds = dict(inputs) if inputs is not None else generate_inputs(original, shapes=shapes)
         all_instruments += [VerifyIRInstrument(), NumericsInstrument(original, feeds)]
-    ctx = PassContext(config=dict(config or {}), instruments=all_instruments, disabled=set(disable),
-                      max_iterations=max_iterations)
+    if target_runtime not in TARGET_RUNTIMES:
+        raise GraphoptError(f"unknown target runtime {target_runtime!r}",
+                            hint=f"one of: {', '.join(TARGET_RUNTIMES)}")
+    ctx = PassContext(config={"target-runtime": target_runtime, **(config or {})}, instruments=all_instruments,
+                      disabled=set(disable), max_iterations=max_iterations)
     before = sum(1 for _ in model.nodes())
-    report = PassManager(passes, ctx).run(model)
+    report = PassManager(passes if passes is not None else default_pipeline(level), ctx).run(model)
     return OptimizeResult(model, report, before, sum(1 for _ in model.nodes()))
