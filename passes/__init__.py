@@ -1,3 +1,6 @@
-"""graphopt's own passes (installed as ``graphopt.passes``); importing registers them."""
+"""graphopt's own passes (installed as ``graphopt.passes``); importing registers them.
 
-from . import cleanup  # noqa: F401
+Import order is the default pipeline's order: cleanup, then fusions.
+"""
+
+from . import cleanup, fusion  # noqa: F401

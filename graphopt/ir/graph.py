@@ -22,6 +22,76 @@ from .tensor import Tensor
 from .types import Attr, TensorType, ValueType
 
 
+class ValueList(list):
+    """A list of values that answers ``holds(value)`` in O(1) (graph inputs and outputs).
+
+    Graphs can have thousands of outputs, and passes ask "is this a graph output?"
+    for every node they touch.
+    """
+
+    def __init__(self, values: Iterable[Value] = ()) -> None:
+        super().__init__(values)
+        self._count: dict[int, int] = {}
+        for value in self:
+            self._add(value)
+
+    def _add(self, value: Value) -> None:
+        self._count[id(value)] = self._count.get(id(value), 0) + 1
+
+    def _drop(self, value: Value) -> None:
+        left = self._count[id(value)] - 1
+        if left:
+            self._count[id(value)] = left
+        else:
+            del self._count[id(value)]
+
+    def holds(self, value: Value) -> bool:
+        return id(value) in self._count
+
+    def append(self, value: Value) -> None:
+        super().append(value)
+        self._add(value)
+
+    def extend(self, values: Iterable[Value]) -> None:
+        for value in values:
+            self.append(value)
+
+    def insert(self, index: int, value: Value) -> None:
+        super().insert(index, value)
+        self._add(value)
+
+    def remove(self, value: Value) -> None:
+        super().remove(value)
+        self._drop(value)
+
+    def pop(self, index: int = -1) -> Value:
+        value = super().pop(index)
+        self._drop(value)
+        return value
+
+    def clear(self) -> None:
+        super().clear()
+        self._count.clear()
+
+    def __setitem__(self, index, value) -> None:
+        old = self[index]
+        for item in old if isinstance(index, slice) else [old]:
+            self._drop(item)
+        super().__setitem__(index, value)
+        for item in value if isinstance(index, slice) else [value]:
+            self._add(item)
+
+    def __delitem__(self, index) -> None:
+        old = self[index]
+        for item in old if isinstance(index, slice) else [old]:
+            self._drop(item)
+        super().__delitem__(index)
+
+    def __iadd__(self, values: Iterable[Value]) -> ValueList:
+        self.extend(values)
+        return self
+
+
 class Value:
     """An SSA value: a graph input, an initializer, or a node output."""
 
@@ -61,10 +131,10 @@ class Value:
         return bool(self._uses)
 
     def is_graph_output(self) -> bool:
-        return self.graph is not None and any(out is self for out in self.graph.outputs)
+        return self.graph is not None and self.graph.outputs.holds(self)
 
     def is_graph_input(self) -> bool:
-        return self.graph is not None and any(inp is self for inp in self.graph.inputs)
+        return self.graph is not None and self.graph.inputs.holds(self)
 
     def is_initializer(self) -> bool:
         return self.graph is not None and self.graph.initializers.get(self.name) is self
@@ -87,7 +157,7 @@ class Value:
         for node, index in self.uses():
             node.set_input(index, new)
             count += 1
-        if include_graph_outputs and self.graph is not None:
+        if include_graph_outputs and self.is_graph_output():
             outputs = self.graph.outputs
             for i, out in enumerate(outputs):
                 if out is self:
@@ -196,6 +266,8 @@ class Node:
             sub.parent = self
 
     def subgraphs(self) -> list[Graph]:
+        if not self.attrs:
+            return []
         return [g for attr in self.attrs.values() for g in attr.graphs()]
 
     def implicit_inputs(self) -> list[Value]:
@@ -243,7 +315,8 @@ class Graph:
         self._sentinel = Node("<sentinel>", outputs=0)
         self._sentinel._prev = self._sentinel._next = self._sentinel
         self._len = 0
-        self.inputs: list[Value] = []
+        self._inputs = ValueList()
+        self._outputs = ValueList()
         self.initializers: dict[str, Value] = {}
         for value in inputs:
             self.add_input(value)
@@ -251,11 +324,29 @@ class Graph:
             self.add_initializer(value)
         for node in nodes:
             self.append(node)
-        self.outputs: list[Value] = list(outputs)
+        self.outputs = outputs
         # Opaque GraphProto fields graphopt does not model (quantization annotations,
         # sparse initializers), kept as serialized bytes by field number.
         self.extras: dict[int, list[bytes]] = {}
         self._taken_names: set[str] | None = None
+        self._name_counters: dict[str, int] = {}
+
+    @property
+    def inputs(self) -> ValueList:
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, values: Iterable[Value]) -> None:
+        self._inputs = ValueList(values)
+
+    @property
+    def outputs(self) -> ValueList:
+        """Graph outputs, in order (assign any iterable; it is kept as a ValueList)."""
+        return self._outputs
+
+    @outputs.setter
+    def outputs(self, values: Iterable[Value]) -> None:
+        self._outputs = ValueList(values)
 
     # -- node list -----------------------------------------------------------------
     def __iter__(self) -> Iterator[Node]:
@@ -351,7 +442,7 @@ class Graph:
     def values(self) -> Iterator[Value]:
         """Every value defined in this graph (not in subgraphs)."""
         yield from self.inputs
-        yield from (v for v in self.initializers.values() if not any(v is i for i in self.inputs))
+        yield from (v for v in self.initializers.values() if not self.inputs.holds(v))
         for node in self:
             yield from node._outputs
 
@@ -383,10 +474,15 @@ class Graph:
             for graph in root.walk_graphs():
                 taken.update(v.name for v in graph.values())
                 taken.update(n.name for n in graph)
-        for i in itertools.count():
-            name = f"{prefix}_{i}" if i or prefix in taken else prefix
+        if prefix not in taken:
+            taken.add(prefix)
+            return prefix
+        counters = root._name_counters
+        for i in itertools.count(counters.get(prefix, 0)):
+            name = f"{prefix}_{i}"
             if name not in taken:
                 taken.add(name)
+                counters[prefix] = i + 1  # next call starts here: linear, not quadratic, per prefix
                 return name
         raise AssertionError("unreachable")
 

@@ -9,6 +9,7 @@ data file, an in-memory buffer) into the output without materialising them.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -131,7 +132,7 @@ class Tensor(ABC):
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     def raw_length(self) -> int | None:
         """Length of the little-endian raw bytes if they can be streamed, else None."""

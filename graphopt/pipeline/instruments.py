@@ -34,6 +34,17 @@ class PassStats:
     runs: int = 0
     changes: int = 0
     seconds: float = 0.0
+    details: dict = field(default_factory=dict)  # the passes' own counts (e.g. per rule), summed over runs
+
+
+def _merge_counts(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict):
+            _merge_counts(into.setdefault(key, {}), value)
+        elif isinstance(value, int | float) and isinstance(into.get(key, 0), int | float):
+            into[key] = into.get(key, 0) + value
+        else:
+            into[key] = value
 
 
 @dataclass
@@ -51,6 +62,7 @@ class TimingInstrument(Instrument):
         stats.runs += 1
         stats.changes += result.changes
         stats.seconds += time.perf_counter() - self._start
+        _merge_counts(stats.details, result.details)
 
 
 class PassBrokeGraph(GraphoptError):
