@@ -23,6 +23,7 @@ from . import __version__
 from .errors import GraphoptError
 from .onnx_io import load, runnable, save
 from .optimize import TARGET_RUNTIMES
+from .passes.prune.cli import add_parser as add_prune_parser
 from .pipeline import available_passes, default_pipeline
 from .pipeline.registry import LEVELS
 
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("passes", help="list available passes")
     p.set_defaults(func=cmd_passes)
+
+    add_prune_parser(sub)
     return parser
 
 

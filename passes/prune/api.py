@@ -1,0 +1,190 @@
+"""``prune(model, config)``: analysis, ranking, slicing, reconstruction and checks in one call.
+
+The steps, each in its own module: lift constants so every weight is an
+initializer; probe shapes with two onnxruntime runs (``probe``); find channel
+groups (``groups``); decide how many atoms each group keeps (``plan``) and
+which (``importance``); slice (``apply``); refit the layers that lost inputs
+(``reconstruct``, on when calibration data is given); drop what became dead;
+check that the result runs in onnxruntime with the original's input and
+output names and shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+import graphopt
+from graphopt.errors import GraphoptError
+from graphopt.ir import Model
+from graphopt.pipeline import PassContext, get_pass
+from graphopt.verify.runtime import LoadedModel, open_session, run_session
+
+from .apply import apply_removal, kept_indices
+from .calib import CalibSource, activation_stats, batches, load_calibration, run_exposed
+from .cost import group_cost, model_cost
+from .groups import Analysis, analyze, default_protected
+from .importance import CRITERIA, importance
+from .plan import choose, plan_flops, plan_ratio
+from .probe import ShapeTable, probe_inputs, probe_shapes
+from .reconstruct import reconstruct
+from .report import GroupReport, PruneReport
+from .rules import X_IN, Y_OUT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how. Exactly one of ``ratio`` (per-group fraction of channels removed) and
+    ``flops`` (fraction of the MACs to keep, e.g. 0.5) must be set."""
+
+    ratio: float | None = None
+    flops: float | None = None
+    criterion: str = "l1"  # l1 | l2 | bn | activation | recon
+    round_to: int = 1  # kept channel counts rounded down to a multiple of this (never below one multiple)
+    protect: Sequence[str] = ()  # node names whose output channels stay, besides the defaults
+    default_protect: bool = True  # the first conv and the layers producing model outputs
+    calib: CalibSource | None = None  # .npz, folder of .npz, or iterable of feed dicts
+    calib_samples: int = 256
+    calib_batch: int = 16
+    reconstruct: bool | None = None  # None: on when calibration data is given
+    sequential: bool = True  # refit from the already-refit pruned model (else from the original's activations)
+    max_rows: int = 4096  # least-squares rows sampled per layer
+    max_ratio: float = 0.9  # the highest per-group ratio a FLOPs target may use
+    dims: Mapping[str, int] | None = None  # symbolic dim sizes for shape probing and MAC counts
+    verify: bool = True
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if (self.ratio is None) == (self.flops is None):
+            raise GraphoptError("give exactly one of ratio (per-layer) and flops (global MAC target)")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise GraphoptError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.flops is not None and not 0.0 < self.flops <= 1.0:
+            raise GraphoptError(f"flops must be in (0, 1] (the fraction of MACs to keep), got {self.flops}")
+        if self.criterion not in CRITERIA:
+            raise GraphoptError(f"unknown criterion {self.criterion!r}", hint=f"use one of {', '.join(CRITERIA)}")
+        if self.round_to < 1:
+            raise GraphoptError(f"round must be at least 1, got {self.round_to}")
+        if self.reconstruct and self.calib is None:
+            raise GraphoptError("reconstruction needs calibration data", hint="pass calib (--calib DATA)")
+
+
+def prune(model: Model, config: PruneConfig) -> PruneReport:
+    """Prune ``model`` (from ``graphopt.load``) in place and report what changed."""
+    config.check()
+    get_pass("lift-constants").run(model, PassContext())
+    original = graphopt.to_proto(model)
+    shapes = probe_shapes(model, original, config.dims)
+    samples = load_calibration(config.calib, original, config.calib_samples) if config.calib is not None else []
+    feeds = batches(samples, original, config.calib_batch)
+    protect = list(config.protect) + (default_protected(model) if config.default_protect else [])
+    analysis = analyze(model, shapes, protect)
+    prunable = [g for g in analysis.groups if g.prunable]
+    if config.ratio is not None:
+        plan = plan_ratio(analysis, prunable, config.ratio, config.round_to)
+        target = f"ratio {config.ratio:g} per group"
+    else:
+        plan = plan_flops(analysis, prunable, config.flops, config.round_to, config.max_ratio)
+        target = f"keep {100 * config.flops:g}% of MACs"
+    stats = None
+    if config.criterion in ("activation", "recon"):
+        if not feeds:
+            raise GraphoptError(f"the {config.criterion} criterion needs calibration data", hint="pass --calib DATA")
+        stats = _stats(analysis, prunable, original, feeds, covariance=config.criterion == "recon")
+    removal = {g.id: choose(importance(analysis, g, config.criterion, stats), plan.keep[g.id]) for g in prunable}
+    kept = kept_indices(analysis, removal)
+    removed = {key: float(analysis.dims[key].size - len(idx)) for key, idx in kept.items()}
+    rows = _rows(analysis, removal, removed)
+    macs0, params0 = model_cost(analysis, {})
+    macs1, params1 = model_cost(analysis, removed)
+    apply_removal(analysis, kept)
+    do_refit = config.reconstruct if config.reconstruct is not None else bool(feeds)
+    refits = []
+    if do_refit and kept:
+        refits = reconstruct(model, original, shapes, kept, feeds, max_rows=config.max_rows,
+                             sequential=config.sequential, seed=config.seed)
+    for name in ("eliminate-dead-nodes", "remove-unused-initializers"):
+        get_pass(name).run(model, PassContext())
+    report = PruneReport(macs0, macs1, params0, params1, plan.ratio, target, config.criterion, rows, refits,
+                         bool(refits), len(samples))
+    if config.flops is not None and macs1 > config.flops * macs0 * 1.001:
+        report.notes.append(f"FLOPs target not reached: blocked groups keep {100 * macs1 / macs0:.1f}% of the MACs")
+    if config.verify:
+        check_interface(original, model, shapes)
+    if feeds:
+        report.output_sqnr_db = output_sqnr(original, graphopt.to_proto(model), feeds)
+    log.info("pruned: MACs %.0f -> %.0f, params %.0f -> %.0f", macs0, macs1, params0, params1)
+    return report
+
+
+def _stats(analysis: Analysis, groups, proto: onnx.ModelProto, feeds, covariance: bool = False) -> dict:
+    """Activation statistics of the dims the data-driven criteria read (covariances for ``recon``)."""
+    wanted: dict[str, set[int]] = {}
+    cov = []
+    for group in groups:
+        for key in group.dims:
+            info = analysis.dims[key]
+            if not info.is_const and any(role in (X_IN, Y_OUT) for _, role in info.roles):
+                wanted.setdefault(key[0], set()).add(key[1])
+                if covariance and info.size <= 4096 and any(role == X_IN for _, role in info.roles):
+                    cov.append(key)
+    return activation_stats(proto, wanted, feeds, cov)
+
+
+def _rows(analysis: Analysis, removal: Mapping[int, np.ndarray], removed: Mapping) -> list[GroupReport]:
+    rows = []
+    for group in analysis.groups:
+        if not group.producers:
+            continue  # axes no layer produces (e.g. head_dim inside attention): nothing to report
+        macs0, params0 = group_cost(analysis, group.dims, {})
+        macs1, params1 = group_cost(analysis, group.dims, removed)
+        dropped = len(removal.get(group.id, ()))
+        status = "blocked" if group.blocked else ("pruned" if dropped else "kept")
+        rows.append(GroupReport(group.id, group.name, status, group.n, group.n - dropped,
+                                group.width(group.primary_dim(analysis)), macs0, macs1, params0, params1,
+                                group.producers + [c for c in group.consumers if c not in group.producers],
+                                [{"node": n, "reason": r} for n, r in group.blocked]))
+    return rows
+
+
+def check_interface(original: onnx.ModelProto, model: Model, shapes: ShapeTable) -> None:
+    """The pruned model runs in onnxruntime and keeps the original's input/output names and shapes."""
+    pruned = graphopt.to_proto(model)
+    names = ([i.name for i in original.graph.input], [o.name for o in original.graph.output])
+    got = ([i.name for i in pruned.graph.input], [o.name for o in pruned.graph.output])
+    if names != got:
+        raise GraphoptError(f"pruning changed the model's interface: {names} -> {got}")
+    feeds, _ = probe_inputs(original)
+    try:
+        with open_session(LoadedModel(pruned), label="pruned model") as sess:
+            values = run_session(sess, feeds)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a pruning bug worth one clear message
+        raise GraphoptError(f"the pruned model does not run in onnxruntime: {exc}") from exc
+    for out in original.graph.output:
+        want = shapes.concrete(model.graph.outputs[[o.name for o in original.graph.output].index(out.name)])
+        if want is not None and tuple(np.shape(values[out.name])) != tuple(want):
+            raise GraphoptError(f"pruning changed the shape of output {out.name!r}: {want} -> "
+                                f"{np.shape(values[out.name])}")
+
+
+def output_sqnr(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds) -> dict[str, float]:
+    """Signal-to-noise ratio (dB) of each float output of the pruned model against the original's."""
+    names = [o.name for o in original.graph.output]
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    for ref, got in zip(run_exposed(original, names, feeds), run_exposed(pruned, names, feeds), strict=True):
+        for name in names:
+            r, g = np.asarray(ref[name]), np.asarray(got[name])
+            if r.dtype.kind != "f":
+                continue
+            signal[name] = signal.get(name, 0.0) + float(np.sum(r.astype(np.float64) ** 2))
+            noise[name] = noise.get(name, 0.0) + float(np.sum((r.astype(np.float64) - g) ** 2))
+    return {n: 10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else math.inf for n in signal}

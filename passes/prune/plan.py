@@ -1,0 +1,89 @@
+"""How many atoms each group keeps: a per-layer ratio, or the ratio that meets a global MAC budget.
+
+The ratio is uniform over prunable groups (torch-pruning's default "local"
+pruning), which keeps the comparison with it apples to apples; for a FLOPs
+target the ratio is found by bisection on the cost model, since rounding and
+groups of different cost make the MACs a step function of the ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cost import model_cost
+from .groups import Analysis, ChannelGroup, DimKey
+
+log = logging.getLogger(__name__)
+
+
+def keep_count(n: int, ratio: float, round_to: int = 1, width: float = 1.0) -> int:
+    """Atoms kept out of ``n`` at ``ratio``; the kept *channels* (atoms x width) round down to a
+    multiple of ``round_to`` as torch-pruning does, but never below one multiple nor one atom."""
+    kept = math.floor(n * (1.0 - ratio) + 1e-9)
+    step = 1
+    if round_to > 1:
+        w = int(round(width)) if abs(width - round(width)) < 1e-9 and width >= 1 else 1
+        step = round_to // math.gcd(round_to, w)
+    if step > 1:
+        kept -= kept % step
+        kept = max(kept, step)
+    return int(min(max(kept, 1), n))
+
+
+@dataclass
+class Plan:
+    ratio: float
+    keep: dict[int, int]  # group id -> atoms kept
+    macs: float
+    params: float
+
+
+def removed_counts(analysis: Analysis, keep: dict[int, int]) -> dict[DimKey, float]:
+    """Elements removed per dim when each group keeps ``keep[id]`` atoms (any which ones)."""
+    removed: dict[DimKey, float] = {}
+    for group in analysis.groups:
+        drop = group.n - keep.get(group.id, group.n)
+        if drop <= 0:
+            continue
+        for key in group.dims:
+            removed[key] = removed.get(key, 0.0) + drop * group.width(key)
+    return removed
+
+
+def plan_ratio(analysis: Analysis, groups: list[ChannelGroup], ratio: float, round_to: int) -> Plan:
+    keep = {g.id: keep_count(g.n, ratio, round_to, g.width(g.primary_dim(analysis))) for g in groups}
+    macs, params = model_cost(analysis, removed_counts(analysis, keep))
+    return Plan(ratio, keep, macs, params)
+
+
+def plan_flops(analysis: Analysis, groups: list[ChannelGroup], target: float, round_to: int,
+               max_ratio: float = 0.95) -> Plan:
+    """The smallest uniform ratio whose plan keeps at most ``target`` of the original MACs."""
+    total, _ = model_cost(analysis, {})
+    budget = target * total
+    best = plan_ratio(analysis, groups, max_ratio, round_to)
+    if best.macs > budget:
+        log.warning("FLOPs target %.2f not reachable: at ratio %.2f %.1f%% of the MACs remain", target, max_ratio,
+                    100 * best.macs / max(total, 1))
+        return best
+    low, high = 0.0, max_ratio
+    for _ in range(40):
+        mid = (low + high) / 2
+        plan = plan_ratio(analysis, groups, mid, round_to)
+        if plan.macs <= budget:
+            high, best = mid, plan
+        else:
+            low = mid
+        if high - low < 1e-4:
+            break
+    return best
+
+
+def choose(scores: np.ndarray, keep: int) -> np.ndarray:
+    """Positions of the atoms to remove: the lowest scores (stable sort, so ties break deterministically)."""
+    order = np.argsort(scores, kind="stable")
+    return np.sort(order[: len(scores) - keep])

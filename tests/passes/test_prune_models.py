@@ -1,0 +1,144 @@
+"""Pruning zoo models end to end: valid smaller graphs, accuracy kept with reconstruction, heads, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import graphopt
+import graphopt.cli
+from graphopt.ir import verify
+from graphopt.passes.prune import CalibrationError, PruneConfig, prune
+
+
+def session(model: bytes | str) -> ort.InferenceSession:
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+
+
+def outputs_like(zoo, name: str, model: graphopt.Model, seed: int = 7) -> tuple[list, list]:
+    """(original, pruned) outputs on the same zoo inputs; the pruned model keeps names and shapes."""
+    feeds = zoo.make_inputs(zoo.MODELS[name], second=True, seed=seed)
+    ref = session(str(zoo.build(name))).run(None, feeds)
+    pruned = session(graphopt.to_bytes(model))
+    assert [o.name for o in pruned.get_outputs()] == [o.name for o in session(str(zoo.build(name))).get_outputs()]
+    got = pruned.run(None, feeds)
+    assert [r.shape for r in ref] == [g.shape for g in got]
+    return ref, got
+
+
+@pytest.fixture(scope="module")
+def digits(zoo):
+    from tools.zoo.data import digits_split
+
+    split = digits_split(0)
+    return {"calib": {"images": split["train_images"][:128]}, "test": zoo.load_data("digits_cnn_torchscript")}
+
+
+def accuracy(model_bytes: bytes | str, data) -> float:
+    logits = session(model_bytes).run(None, {"images": data["images"]})[0]
+    return float((logits.argmax(1) == data["labels"]).mean())
+
+
+def test_digits_cnn_keeps_accuracy_at_half_the_flops(zoo, digits):
+    name = "digits_cnn_torchscript"
+    base = accuracy(str(zoo.build(name)), digits["test"])
+    model = graphopt.load(str(zoo.build(name)))
+    report = prune(model, PruneConfig(flops=0.5, calib=digits["calib"]))
+    verify(model.graph)
+    assert report.macs_kept <= 0.5 and report.params_after < 0.5 * report.params_before
+    assert report.reconstructed and all(r.error_after <= r.error_before for r in report.refits)
+    assert accuracy(graphopt.to_bytes(model), digits["test"]) >= base - 0.015
+
+
+def test_reconstruction_reduces_output_error(zoo, digits):
+    name = "digits_cnn_dynamo"
+    errors = {}
+    for refit in (False, True):
+        model = graphopt.load(str(zoo.build(name)))
+        report = prune(model, PruneConfig(flops=0.4, calib=digits["calib"], reconstruct=refit))
+        errors[refit] = report.output_sqnr_db["logits"]
+    assert errors[True] > errors[False] + 6  # dB on the calibration data
+
+
+@pytest.mark.parametrize("name", ["resnet_torchscript", "mobilenet_torchscript", "resnet_dynamo"])
+def test_residual_and_depthwise_cnns_prune_to_valid_graphs(zoo, name):
+    model = graphopt.load(str(zoo.build(name)))
+    report = prune(model, PruneConfig(flops=0.5, round_to=4))
+    verify(model.graph)
+    assert report.macs_kept <= 0.5
+    assert any(len([n for n in g.layers if "Conv" in n]) > 2 and g.status == "pruned" for g in report.groups), \
+        "a residual stream (several convs coupled) should have been pruned"
+    outputs_like(zoo, name, model)
+
+
+def test_attention_heads_are_pruned_whole(zoo):
+    name = "bert_torchscript"
+    calib = [zoo.make_inputs(zoo.MODELS[name], seed=s) for s in range(8)]
+    model = graphopt.load(str(zoo.build(name)))
+    report = prune(model, PruneConfig(ratio=0.5, calib=calib))
+    verify(model.graph)
+    heads = [g for g in report.groups if g.width == 32]
+    assert len(heads) == 2 and all((g.atoms_before, g.atoms_after) == (2, 1) for g in heads)
+    q = next(n for n in model.graph if n.name.endswith("layer.0/attention/self/query/MatMul"))
+    assert q.inputs[1].const.shape == (64, 32)
+    ref, got = outputs_like(zoo, name, model)
+    assert report.output_sqnr_db["last_hidden_state"] > 20
+
+
+def test_bad_calibration_data_names_the_input(zoo, tmp_path):
+    model = graphopt.load(str(zoo.build("digits_cnn_torchscript")))
+    images = np.zeros((4, 1, 8, 8), np.float32)
+    cases = [
+        ({"pixels": images}, "no input 'images'"),
+        ({"images": images.astype(np.int64)}, "'images' is int64, the model expects float32"),
+        ({"images": np.zeros((4, 8, 8), np.float32)}, "'images' has rank 3"),
+        ([{"images": np.zeros((1, 3, 8, 8), np.float32)}], "'images' has shape (1, 3, 8, 8)"),
+    ]
+    for calib, message in cases:
+        with pytest.raises(CalibrationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            prune(model, PruneConfig(ratio=0.5, calib=calib))
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(3):
+        np.savez(folder / f"{i}.npz", images=np.zeros((1, 1, 8, 8), np.float64))  # float64 is cast
+    prune(model, PruneConfig(ratio=0.25, calib=str(folder)))
+
+
+@pytest.fixture
+def cli():
+    """graphopt's main(), where the prune subcommand lives."""
+    return graphopt.cli.main
+
+
+def test_cli_prunes_writes_and_reports_json(zoo, tmp_path, capsys, cli, digits):
+    src = str(zoo.build("digits_cnn_torchscript"))
+    before = open(src, "rb").read()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, images=digits["calib"]["images"][:, None])  # leading sample axis
+    out = tmp_path / "pruned.onnx"
+    assert cli(["prune", src, "-o", str(out), "--flops", "0.5", "--calib", str(calib), "--round", "4",
+                "--criterion", "activation", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["macs_kept"] <= 0.5 and report["reconstructed"] and report["output"] == str(out)
+    assert all(g["channels_after"] % 4 == 0 for g in report["groups"] if g["status"] == "pruned")
+    assert open(src, "rb").read() == before
+    onnx.checker.check_model(onnx.load(str(out)))
+    assert cli(["prune", src, "-o", str(tmp_path / "t.onnx"), "--ratio", "0.5"]) == 0
+    assert "channel groups" in capsys.readouterr().out
+
+
+def test_cli_user_errors_exit_2(zoo, tmp_path, capsys, cli):
+    src = str(zoo.build("digits_cnn_torchscript"))
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((2, 1, 1, 8, 8), np.int32))
+    out = tmp_path / "o.onnx"
+    assert cli(["prune", src, "-o", str(out), "--ratio", "0.5", "--calib", str(bad)]) == 2
+    assert "'images' is int32" in capsys.readouterr().err and not out.exists()
+    assert cli(["prune", src, "-o", str(out), "--ratio", "1.5"]) == 2
+    assert cli(["prune", src, "-o", str(out), "--ratio", "0.5", "--protect", "nope"]) == 2
+    assert "no node named 'nope'" in capsys.readouterr().err
+    assert cli(["prune", src, "-o", src, "--ratio", "0.5"]) == 2
