@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 
 from graphopt.ir import ArrayTensor, Graph, Model, Node, TensorType
-from graphopt.ir.graph import Value
 from graphopt.pipeline import Pass, PassContext, PassResult, register_pass
 
 _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"}
@@ -48,27 +47,6 @@ class EliminateDeadNodes(Pass):
         return PassResult(removed)
 
 
-def _bypass(node: Node, source: Value, graph: Graph) -> bool:
-    """Make ``node``'s only output an alias of ``source`` and erase the node.
-
-    If that output is a graph output, ``source`` takes over its name — possible
-    only when ``source`` is a plain node output of this same graph.
-    """
-    out = node.outputs[0]
-    if out.is_graph_output():
-        owned = source.producer is not None and source.producer.graph is graph
-        if not owned or source.is_graph_output() or source.is_graph_input():
-            return False
-        out.replace_all_uses_with(source, include_graph_outputs=True)
-        graph.erase(node)
-        source.name, source.type = out.name, out.type or source.type
-        source.doc_string = source.doc_string or out.doc_string
-        return True
-    out.replace_all_uses_with(source)
-    graph.erase(node)
-    return True
-
-
 def _dropout_is_identity(node: Node, model: Model) -> bool:
     """Inference-mode Dropout: no mask consumer, and training_mode absent or constant false."""
     if len(node.outputs) > 1 and (node.outputs[1].has_uses() or node.outputs[1].is_graph_output()):
@@ -87,6 +65,8 @@ class RemoveIdentity(Pass):
     description = "Remove Identity nodes and inference-mode Dropout"
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        from .simplify.util import bypass as _bypass  # late: the simplify package imports this module
+
         removed = 0
         for graph in list(model.graphs()):
             for node in graph.nodes:
