@@ -27,7 +27,7 @@ from graphopt.verify import render_report, verify_models  # noqa: E402
 from tools.zoo import MODELS, build, make_inputs  # noqa: E402
 
 MODEL = "mobilenet_torchscript"
-console = Console(highlight=False)
+console = Console(highlight=False, width=110)
 
 
 def session(path: str) -> ort.InferenceSession:
