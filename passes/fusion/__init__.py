@@ -1,7 +1,9 @@
 """Operator fusions for runtimes (level "fuse"): rewrite rules that introduce fused ops.
 
-Import order is pipeline order: Conv/Gemm folding before the activation and
-Transpose rewrites that may expose more of it.
+Import order is pipeline order: the transformer fusions (normalization, GELU,
+attention) run before MatMul+Add -> Gemm and Transpose sinking, which would
+otherwise rewrite parts of the attention pattern; Conv/Gemm folding comes
+before the activation and Transpose rewrites that may expose more of it.
 """
 
-from . import activation, conv, linear, transpose  # noqa: F401
+from . import norm, gelu, attention, activation, conv, linear, transpose  # noqa: F401, I001 - pipeline order

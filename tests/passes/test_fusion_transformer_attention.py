@@ -1,0 +1,283 @@
+"""Attention fusion (passes/fusion/attention.py) on hand-built attention blocks written the ways the
+exporters write them: which rule fires, the structure, numerics in onnxruntime at two shapes (batch and
+sequence stay dynamic), and the reason a rule gives when it does not fire."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.passes.fusion import attention
+from graphopt.verify import verify_models
+
+D, HEADS, HEAD = 8, 2, 4
+F = TensorProto.FLOAT
+RNG = np.random.default_rng(0)
+WEIGHTS = {n: (RNG.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32) for n in ("wq", "wk", "wv")}
+BIASES = {n: (RNG.standard_normal(D) * 0.1).astype(np.float32) for n in ("bq", "bk", "bv")}
+
+
+class Block:
+    """One self-attention block built node by node (ONNX text cannot say "the same weights" compactly)."""
+
+    def __init__(self, opset: int = 17) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits = [numpy_helper.from_array(a, n) for n, a in {**WEIGHTS, **BIASES}.items()]
+        self.inputs = [helper.make_tensor_value_info("x", F, ["batch", "seq", D])]
+        self.opset = opset
+
+    def const(self, name: str, array) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def projections(self, bias: bool = True) -> list[str]:
+        outs = []
+        for p in "qkv":
+            y = self.node("MatMul", ["x", f"w{p}"], f"{p}_mm")
+            outs.append(self.node("Add", [f"b{p}", y], f"{p}_lin") if bias else y)
+        return outs
+
+    def heads(self, value: str, shape: str, perm: list[int], **attrs) -> str:
+        return self.node("Transpose", [self.node("Reshape", [value, shape], f"{value}_4d", **attrs)],
+                         f"{value}_t", perm=perm)
+
+    def finish(self, probs_input: str, v_heads: str, out_shape: str) -> onnx.ModelProto:
+        probs = self.node("Softmax", [probs_input], "probs", axis=-1)
+        ctx = self.node("MatMul", [probs, v_heads], "ctx")
+        merged = self.node("Transpose", [ctx], "ctx_t", perm=[0, 2, 1, 3])
+        out = self.node("Reshape", [merged, out_shape], "attn")
+        self.node("MatMul", [out, "wq"], "y")  # a consumer, like the output projection
+        seq = self.inputs[0].type.tensor_type.shape.dim[1]
+        output = helper.make_tensor_value_info("y", F, ["batch", seq.dim_param or seq.dim_value, D])
+        graph = helper.make_graph(self.nodes, "block", self.inputs, [output], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], ir_version=8)
+        onnx.checker.check_model(model)
+        return model
+
+
+def bert_like(mask: str = "add", scale: str = "mul") -> onnx.ModelProto:
+    """Constant head shapes ([0, 0, heads, head]), bias Adds, Mul/Div scale after q @ k^T, additive mask."""
+    b = Block()
+    q, k, v = b.projections()
+    shape = b.const("split_shape", np.array([0, 0, HEADS, HEAD]))
+    qh, kt, vh = b.heads(q, shape, [0, 2, 1, 3]), b.heads(k, shape, [0, 2, 3, 1]), b.heads(v, shape, [0, 2, 1, 3])
+    scores = b.node("MatMul", [qh, kt], "scores")
+    if scale == "mul":
+        scores = b.node("Mul", [scores, b.const("scale", np.float32(HEAD ** -0.5))], "scaled")
+    elif scale == "div":
+        scores = b.node("Div", [scores, b.const("scale", np.float32(HEAD ** 0.5))], "scaled")
+    if mask == "add":  # BERT's padding mask from a 0/1 input, [B, 1, 1, S]
+        b.inputs.append(helper.make_tensor_value_info("mask", F, ["batch", 1, 1, "seq"]))
+        scores = b.node("Add", ["mask", scores], "masked")
+    return b.finish(scores, vh, b.const("merge_shape", np.array([0, 0, D])))
+
+
+def dynamo_like() -> onnx.ModelProto:
+    """Head shapes computed from Shape(x) (allowzero=1), the scale on q and k (sqrt each), a Where mask."""
+    b = Block(opset=18)
+    q, k, v = b.projections(bias=False)
+    lead = b.node("Shape", ["x"], "lead", start=0, end=2)
+    shape = b.node("Concat", [lead, b.const("tail", np.array([-1, HEAD]))], "split_shape", axis=0)
+    qh = b.heads(q, shape, [0, 2, 1, 3], allowzero=1)
+    kt = b.heads(k, shape, [0, 2, 3, 1], allowzero=1)
+    vh = b.heads(v, shape, [0, 2, 1, 3], allowzero=1)
+    root = b.const("root_scale", np.float32(HEAD ** -0.25))
+    scores = b.node("MatMul", [b.node("Mul", [qh, root], "q_s"), b.node("Mul", [root, kt], "k_s")], "scores")
+    b.inputs.append(helper.make_tensor_value_info("keep", TensorProto.BOOL, ["batch", 1, "seq", "seq"]))
+    fill = b.const("fill", np.float32(np.finfo(np.float32).min))
+    scores = b.node("Where", ["keep", scores, fill], "masked")
+    out_shape = b.node("Concat", [lead, b.const("minus_one", np.array([-1]))], "merge_shape", axis=0)
+    return b.finish(scores, vh, out_shape)
+
+
+def feeds(model: onnx.ModelProto, batch: int, seq: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch * 100 + seq)
+    out = {"x": rng.standard_normal((batch, seq, D)).astype(np.float32)}
+    names = {i.name for i in model.graph.input}
+    if "bq" in names:
+        out["bq"] = BIASES["bq"]
+    keep = np.ones((batch, seq), bool)
+    keep[1:, seq // 2:] = False  # right padding on every row but the first
+    if "mask" in names:
+        out["mask"] = np.where(keep, 0, -10000).astype(np.float32)[:, None, None, :]
+    if "keep" in names:
+        out["keep"] = np.broadcast_to(keep[:, None, None, :], (batch, 1, seq, seq)).copy()
+    return out
+
+
+def fuse(model: onnx.ModelProto, passes=("fuse-attention",)):
+    fused = graphopt.load(model)
+    graphopt.optimize(fused, ["lift-constants", *passes, "eliminate-dead-nodes", "remove-unused-initializers"])
+    return fused
+
+
+def check(original: onnx.ModelProto, fused) -> None:
+    for batch, seq in ((2, 5), (3, 7)):
+        report = verify_models(original, graphopt.to_bytes(fused), inputs=feeds(original, batch, seq))
+        assert report.ok, report.summary()
+
+
+def ops(model) -> list[str]:
+    return [n.op_type for n in model.graph]
+
+
+def only(model, op_type: str):
+    (node,) = [n for n in model.graph if n.op_type == op_type]
+    return node
+
+
+def reasons(model, name: str, rules=attention.FuseAttention.rules) -> list[str]:
+    return [e.reason for e in rules.explain(model, name) if e.reason]
+
+
+@pytest.mark.parametrize(("scale", "rule"), [("mul", "mha-add-mask"), ("div", "mha-add-mask"),
+                                             ("none", "mha-none-scale-add-mask")])
+def test_bert_like_block_to_multi_head_attention_with_bias(scale: str, rule: str):
+    original = bert_like(scale=scale)
+    fused = fuse(original)
+    mha = only(fused, "MultiHeadAttention")
+    assert mha.domain == "com.microsoft" and mha.attr("num_heads") == HEADS
+    assert mha.attr("scale") == pytest.approx(HEAD ** -0.5 if scale != "none" else 1.0)
+    assert mha.metadata["graphopt.rule"] == "mha-bias"  # the q/k/v bias Adds went into the op
+    assert [i.name if i is not None else None for i in mha.inputs[:3]] == ["q_mm", "k_mm", "v_mm"]
+    assert "Softmax" not in ops(fused) and ops(fused).count("Add") == 0
+    check(original, fused)
+
+
+def test_dynamo_like_block_split_scale_and_where_mask():
+    original = dynamo_like()
+    fused = fuse(original)
+    mha = only(fused, "MultiHeadAttention")
+    assert mha.metadata["graphopt.rule"] == "mha-split-scale-where-mask"
+    assert mha.attr("scale") == pytest.approx(HEAD ** -0.5)
+    check(original, fused)
+
+
+def test_vit_like_block_without_mask_and_packed_qkv():
+    original = bert_like(mask="none", scale="div")
+    fused = fuse(original, ("fuse-attention", "pack-qkv-attention"))
+    node = only(fused, "Attention")
+    assert node.domain == "com.microsoft" and node.metadata["graphopt.rule"] == "pack-qkv"
+    assert node.inputs[0].name == "x" and node.inputs[1].const.shape == (D, 3 * D)
+    assert ops(fused).count("MatMul") == 1  # only the consumer: q/k/v are one GEMM inside Attention
+    check(original, fused)
+
+
+def test_packed_attention_keeps_the_mask_as_attention_bias():
+    original = bert_like()
+    fused = fuse(original, ("fuse-attention", "pack-qkv-attention"))
+    node = only(fused, "Attention")
+    assert len(node.inputs) == 6 and node.inputs[3] is None and node.inputs[5] is not None
+    check(original, fused)
+
+
+def test_mask_without_provable_sequence_dims_is_expanded():
+    model = bert_like()
+    model.graph.input[1].CopyFrom(helper.make_tensor_value_info("mask", F, ["batch", 1, 1, "kv"]))
+    fused = fuse(model)
+    assert "Expand" in ops(fused)  # dims [., ., 1, kv] are not provably [S, S]
+    check(model, fused)
+
+
+def test_softmax_on_another_axis_is_refused():
+    model = bert_like()
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            node.attribute[0].i = 2
+    fused = fuse(model)
+    assert "MultiHeadAttention" not in ops(fused)
+    assert any("normalizes axis 2, not the last" in r for r in reasons(fused, "mha-add-mask"))
+
+
+def test_reshape_that_may_mix_batch_and_sequence_is_refused():
+    model = bert_like()
+    for init in model.graph.initializer:
+        if init.name == "split_shape":  # [-1, 5, heads, head]: dim 1 is 5 only if seq is 5
+            init.CopyFrom(numpy_helper.from_array(np.array([-1, 5, HEADS, HEAD]), "split_shape"))
+    fused = fuse(model)
+    assert "MultiHeadAttention" not in ops(fused)
+    assert any("cannot prove it keeps dims 0 and 1" in r for r in reasons(fused, "mha-add-mask"))
+
+
+def test_where_fill_that_is_not_minus_infinity_is_refused():
+    model = dynamo_like()
+    for init in model.graph.initializer:
+        if init.name == "fill":
+            init.CopyFrom(numpy_helper.from_array(np.float32(-10000), "fill"))
+    fused = fuse(model)
+    assert "MultiHeadAttention" not in ops(fused)
+    assert any("Where fill -10000.0 is not <=" in r for r in reasons(fused, "mha-split-scale-where-mask"))
+
+
+def test_bias_and_packing_negatives_say_why():
+    model = bert_like()  # q's bias is an input (overridable), not a constant: it cannot join the op's bias
+    model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == "bq"))
+    model.graph.input.append(helper.make_tensor_value_info("bq", F, [D]))
+    fused = fuse(model)
+    assert only(fused, "MultiHeadAttention").metadata["graphopt.rule"] == "mha-add-mask"
+    assert any("input 1 of q_lin: expected a constant" in r for r in reasons(fused, "mha-bias"))
+
+    wide = bert_like()  # a [1, 1, D] bias is still per channel: folded
+    for init in wide.graph.initializer:
+        if init.name == "bq":
+            init.CopyFrom(numpy_helper.from_array(BIASES["bq"].reshape(1, 1, D), "bq"))
+    fused = fuse(wide)
+    assert only(fused, "MultiHeadAttention").metadata["graphopt.rule"] == "mha-bias"
+    check(wide, fused)
+
+    cross = bert_like(mask="none")  # k and v read another input: not one packed GEMM
+    cross.graph.input.append(helper.make_tensor_value_info("memory", F, ["batch", "seq", D]))
+    for node in cross.graph.node:
+        if node.output[0] in ("k_mm", "v_mm"):
+            node.input[0] = "memory"
+    fused = fuse(cross, ("fuse-attention", "pack-qkv-attention"))
+    assert "Attention" not in ops(fused) and "MultiHeadAttention" in ops(fused)
+    why = reasons(fused, "pack-qkv", attention.PackQkvAttention.rules)
+    assert any("x is 'x' elsewhere in the pattern but 'memory' here" in r for r in why), why
+
+
+def gpt2_like(alpha: float = 1.0) -> onnx.ModelProto:
+    """GPT-2's Conv1D: one Gemm over the flattened input, reshaped back and split into q, k, v."""
+    b = Block()
+    b.inputs[0] = helper.make_tensor_value_info("x", F, ["batch", 5, D])  # static seq: the causal mask is [5, 5]
+    b.inits += [numpy_helper.from_array(np.concatenate([WEIGHTS[w] for w in ("wq", "wk", "wv")], axis=1), "w_qkv"),
+                numpy_helper.from_array(np.concatenate([BIASES[n] for n in ("bq", "bk", "bv")]), "b_qkv")]
+    flat = b.node("Reshape", ["x", b.const("flat_shape", np.array([-1, D]))], "x_2d")
+    gemm = b.node("Gemm", [flat, "w_qkv", "b_qkv"], "qkv_2d", alpha=alpha)
+    lead = b.node("Shape", ["x"], "lead", start=0, end=2)
+    qkv = b.node("Reshape", [gemm, b.node("Concat", [lead, b.const("three_d", np.array([3 * D]))], "qkv_shape",
+                                               axis=0)], "qkv")
+    b.nodes.append(helper.make_node("Split", [qkv], ["q", "k", "v"], name="split", axis=2, num_outputs=3))
+    b.opset = 18
+    shape = b.const("split_shape", np.array([0, 0, HEADS, HEAD]))
+    qh, kt, vh = b.heads("q", shape, [0, 2, 1, 3]), b.heads("k", shape, [0, 2, 3, 1]), b.heads("v", shape, [0, 2, 1, 3])
+    scores = b.node("Mul", [b.node("MatMul", [qh, kt], "scores"), b.const("scale", np.float32(HEAD ** -0.5))],
+                    "scaled")
+    causal = np.triu(np.full((5, 5), np.finfo(np.float32).min, np.float32), 1)  # static seq 5, rank-2 mask
+    scores = b.node("Add", [scores, b.const("causal", causal)], "masked")
+    return b.finish(scores, vh, b.const("merge_shape", np.array([0, 0, D])))
+
+
+def test_gpt2_like_gemm_split_packs_into_attention():
+    original = gpt2_like()
+    fused = fuse(original, ("fuse-attention", "pack-qkv-attention"))
+    node = only(fused, "Attention")
+    assert node.metadata["graphopt.rule"] == "pack-qkv-gemm" and node.inputs[0].name == "x"
+    assert ops(fused).count("Expand") == 0  # the [5, 5] mask is unsqueezed; its dims are provably S and T
+    for batch in (1, 3):
+        report = verify_models(original, graphopt.to_bytes(fused), inputs=feeds(original, batch, 5))
+        assert report.ok, report.summary()
+
+
+def test_gemm_packing_refuses_a_scaled_gemm():
+    fused = fuse(gpt2_like(alpha=0.5), ("fuse-attention", "pack-qkv-attention"))
+    assert "MultiHeadAttention" in ops(fused) and "Attention" not in ops(fused)
+    why = reasons(fused, "pack-qkv-gemm", attention.PackQkvAttention.rules)
+    assert any("scales or transposes A" in r for r in why), why
