@@ -1,0 +1,116 @@
+"""Latency of several variants measured interleaved (A B C A B C ...), reported as medians.
+
+Speed on a shared machine drifts (2.5x within one session here), so a variant measured after another
+would inherit a different machine; interleaving run by run spreads the drift over all variants and
+makes ratios taken from the same run meaningful.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .sessions import cpu_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LatencyStats:
+    """Per-variant timings in milliseconds; ``error`` is set (and the rest empty) when a run failed."""
+
+    median_ms: float | None = None
+    min_ms: float | None = None
+    runs: int = 0
+    samples_ms: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self, samples: bool = False) -> dict[str, Any]:
+        data = asdict(self)
+        if not samples:
+            data.pop("samples_ms")
+        return data
+
+
+def measure_interleaved(
+    variants: Mapping[str, Callable[[], object]], *, runs: int = 20, warmup: int = 3
+) -> dict[str, LatencyStats]:
+    """Call every variant ``warmup`` times, then ``runs`` rounds of one call each, in the same order.
+
+    A variant that raises is dropped from later rounds and reports its error; the others go on.
+    """
+    results = {name: LatencyStats() for name in variants}
+    live = dict(variants)
+    for name, call in list(live.items()):
+        try:
+            for _ in range(warmup):
+                call()
+        except Exception as exc:  # noqa: BLE001 - one broken variant must not stop the others
+            results[name].error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            del live[name]
+    for _ in range(runs):
+        for name, call in list(live.items()):
+            start = time.perf_counter()
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001
+                results[name].error = f"{type(exc).__name__}: {exc}"
+                del live[name]
+                continue
+            results[name].samples_ms.append((time.perf_counter() - start) * 1e3)
+    for stats in results.values():
+        if stats.samples_ms and stats.error is None:
+            stats.runs = len(stats.samples_ms)
+            stats.median_ms = statistics.median(stats.samples_ms)
+            stats.min_ms = min(stats.samples_ms)
+    return results
+
+
+def ort_latency(
+    models: Mapping[str, str],
+    feeds_file: str,
+    levels: Sequence[str] = ("disable_all", "all"),
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int = 2,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Latency of every model (label -> path) at every onnxruntime level, all interleaved in one process.
+
+    ``feeds_file`` is a pickle of an input dict (run in a :mod:`.child`, it must be a path). Returns
+    ``{label: {level: LatencyStats dict}}``; a model onnxruntime cannot load gets the error at every level.
+    """
+    with open(feeds_file, "rb") as f:
+        feeds = pickle.load(f)
+    variants: dict[str, Callable[[], object]] = {}
+    errors: dict[str, str] = {}
+    for label, path in models.items():
+        for level in levels:
+            key = f"{label}\t{level}"
+            try:
+                sess = cpu_session(path, level, threads=threads)
+            except Exception as exc:  # noqa: BLE001
+                errors[key] = f"session: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                continue
+            wanted = {i.name for i in sess.get_inputs()}
+            variants[key] = _runner(sess, {k: v for k, v in feeds.items() if k in wanted})
+    measured = measure_interleaved(variants, runs=runs, warmup=warmup)
+    out: dict[str, dict[str, dict[str, Any]]] = {label: {} for label in models}
+    for key, error in errors.items():
+        label, level = key.split("\t")
+        out[label][level] = LatencyStats(error=error).to_dict()
+    for key, stats in measured.items():
+        label, level = key.split("\t")
+        out[label][level] = stats.to_dict()
+    return out
+
+
+def _runner(sess: Any, feeds: dict[str, Any]) -> Callable[[], object]:
+    def call() -> object:
+        return sess.run(None, feeds)
+
+    return call
