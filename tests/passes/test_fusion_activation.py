@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphopt.passes.fusion.activation import FuseHardActivations
 
+from graphopt.passes.fusion.activation import FuseHardActivations
 from tests.passes.test_fusion_support import assert_same_outputs, model_from, not_fired, ops, optimized, rand
 
 SIXTH = np.float32(1.0 / 6.0)

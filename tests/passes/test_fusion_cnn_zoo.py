@@ -3,13 +3,13 @@ the zoo's primary and second input shapes, what fires is what we expect, and not
 
 from __future__ import annotations
 
+import pytest
+
+import graphopt
 import graphopt.passes.fusion.activation
 import graphopt.passes.fusion.conv
 import graphopt.passes.fusion.linear
 import graphopt.passes.fusion.transpose  # noqa: F401 - registration
-import pytest
-
-import graphopt
 from tests.passes.test_fusion_support import assert_same_outputs
 from tools.zoo import MODELS, build, make_inputs, small_models
 

@@ -10,11 +10,11 @@ import collections
 
 import numpy as np
 import pytest
-from graphopt.passes.fusion.conv import CONV_OPS, FoldConvBatchNorm, FoldConvScaleBias, FusePadConv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphopt
+from graphopt.passes.fusion.conv import CONV_OPS, FoldConvBatchNorm, FoldConvScaleBias, FusePadConv
 from tests.passes.test_fusion_support import (
     assert_same_outputs,
     model_from,

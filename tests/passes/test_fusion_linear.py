@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphopt.passes.fusion.linear import FoldLinearBatchNorm, FoldLinearScaleBias, MatMulAddToGemm
 
 import graphopt
+from graphopt.passes.fusion.linear import FoldLinearBatchNorm, FoldLinearScaleBias, MatMulAddToGemm
 from tests.passes.test_fusion_support import (
     assert_same_outputs,
     model_from,

@@ -10,10 +10,10 @@ import onnx
 import onnx.parser
 import onnxruntime as ort
 import pytest
-from graphopt.passes.fusion.channels import channel_vector
 
 import graphopt
 from graphopt.ir import Model, verify
+from graphopt.passes.fusion.channels import channel_vector
 from graphopt.rewrite import RewritePass
 from graphopt.verify import verify_models
 

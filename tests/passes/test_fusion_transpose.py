@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphopt.passes.fusion.transpose import SinkTransposes
 
 import graphopt
+from graphopt.passes.fusion.transpose import SinkTransposes
 from tests.passes.test_fusion_support import assert_same_outputs, model_from, not_fired, ops, optimized, rand
 
 pytest.importorskip("graphopt.passes.simplify.noop")  # eliminate-noops cancels the Transpose pairs
