@@ -13,9 +13,10 @@ from tests.helpers import normalized, run
 from tools.zoo import MODELS, build, make_inputs, small_models
 
 NAMES = [n for n in small_models() if MODELS[n].skip_reason is None]
+FULL = [n for n, m in MODELS.items() if m.full_size and m.skip_reason is None]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + [pytest.param(n, marks=pytest.mark.slow) for n in FULL])
 def test_round_trip_is_lossless(name, tmp_path):
     source = build(name)
     out = tmp_path / "copy.onnx"
