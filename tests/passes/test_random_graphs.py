@@ -556,10 +556,18 @@ def _branch(b: Builder, x: Val, out_name: str) -> onnx.GraphProto:
 
 
 def op_if(b: Builder) -> None:
-    """If with a constant or computed condition; the branches read the outer graph (captured values)."""
+    """If with a constant or computed condition; the branches read the outer graph (captured values).
+
+    The branches capture ``Abs(x)``, never ``x`` itself: onnxruntime 1.32 (even with ORT_DISABLE_ALL)
+    removes lossless Cast chains (float->double->float, or two same-type Casts) and then fails with
+    "Missing Input" when the chain's result is read inside an If branch. An Abs output cannot become a
+    Cast output under any rewrite, so neither the original nor graphopt's output trips on it.
+    """
     x = b.pick(lambda v: v.dtype != BOOL)
     if x is None:
         return
+    (captured,) = b.node("Abs", [x.name])
+    x = Val(captured, x.dtype, x.shape)
     scalar = b.pick(lambda v: v.dtype == FLOAT and numel(v.shape) == 1 and BATCH not in v.shape)
     if scalar is not None and b.draw(st.booleans()):
         (cond,) = b.node("Greater", [scalar.name, b.const(np.zeros((), np.float32))])
