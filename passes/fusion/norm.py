@@ -39,6 +39,7 @@ import numpy as np
 
 from graphopt.ir import Model, Node, Value
 from graphopt.ir.tensor import numpy_dtype
+from graphopt.passes.simplify.infer import model_fingerprint
 from graphopt.pipeline import PassContext, PassResult, register_pass
 from graphopt.rewrite import MatchContext, RewritePass, Rule, RuleSet
 from graphopt.shapes import infer_shapes
@@ -55,11 +56,17 @@ class ShapeAwareRewritePass(RewritePass):
     """A rewrite pass whose conditions read value types (ranks, the last dim, the element type):
     shapes are inferred first (onnx's inference fills only what is missing, so it is cheap to repeat)."""
 
+    _seen: tuple | None = None
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        # Inference exports the whole model (seconds at 200k nodes); skip it when the model is the one
+        # this pass last inferred (the pass manager calls every pass once per fixed-point iteration).
         roots = frozenset().union(*(rule.root_ops for rule in self.rules))
-        if any(node.op_type in roots for node in model.nodes()):
+        if model_fingerprint(model) != self._seen and any(node.op_type in roots for node in model.nodes()):
             infer_shapes(model)
-        return super().run(model, ctx)
+        result = super().run(model, ctx)
+        self._seen = model_fingerprint(model)
+        return result
 
 
 def scalar(value: Value | None) -> float | None:

@@ -56,17 +56,18 @@ class InferShapes(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         # Inference exports the whole model (seconds on 200k nodes) and the pass manager calls every
         # pass once per iteration: skip a model whose nodes and initializers are the ones last inferred.
-        seen = _fingerprint(model)
+        seen = model_fingerprint(model)
         if seen == self._seen:
             return PassResult(0)
         symbolic = bool(ctx.option(self.name, "symbolic", True))
         limit = int(ctx.option(self.name, "symbolic_max_nodes", SYMBOLIC_MAX_NODES))
         changes = refine_shapes(model, symbolic=symbolic, symbolic_max_nodes=limit)
-        self._seen = _fingerprint(model)
+        self._seen = model_fingerprint(model)
         return PassResult(changes)
 
 
-def _fingerprint(model: Model) -> tuple:
+def model_fingerprint(model: Model) -> tuple:
+    """Cheap identity of a model's current node and initializer set (to skip repeating inference)."""
     graphs = list(model.graphs())
     return (id(model), sum(len(g) for g in graphs), sum(id(n) for g in graphs for n in g),
             sum(len(g.initializers) for g in graphs))
