@@ -22,18 +22,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LatencyStats:
-    """Per-variant timings in milliseconds; ``error`` is set (and the rest empty) when a run failed."""
+    """Per-variant timings in milliseconds; ``error`` is set (and the rest empty) when a run failed.
+
+    ``cpu_*``: CPU time of the whole process (all onnxruntime threads) per call, which other processes on a
+    shared machine stretch much less than wall time.
+    """
 
     median_ms: float | None = None
     min_ms: float | None = None
+    cpu_median_ms: float | None = None
     runs: int = 0
     samples_ms: list[float] = field(default_factory=list)
+    cpu_samples_ms: list[float] = field(default_factory=list)
     error: str | None = None
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
         data = asdict(self)
         if not samples:
             data.pop("samples_ms")
+            data.pop("cpu_samples_ms")
         return data
 
 
@@ -55,7 +62,7 @@ def measure_interleaved(
             del live[name]
     for _ in range(runs):
         for name, call in list(live.items()):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             try:
                 call()
             except Exception as exc:  # noqa: BLE001
@@ -63,11 +70,13 @@ def measure_interleaved(
                 del live[name]
                 continue
             results[name].samples_ms.append((time.perf_counter() - start) * 1e3)
+            results[name].cpu_samples_ms.append((time.process_time() - cpu_start) * 1e3)
     for stats in results.values():
         if stats.samples_ms and stats.error is None:
             stats.runs = len(stats.samples_ms)
             stats.median_ms = statistics.median(stats.samples_ms)
             stats.min_ms = min(stats.samples_ms)
+            stats.cpu_median_ms = statistics.median(stats.cpu_samples_ms)
     return results
 
 
@@ -78,11 +87,13 @@ def ort_latency(
     runs: int = 20,
     warmup: int = 3,
     threads: int = 2,
+    samples: bool = False,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Latency of every model (label -> path) at every onnxruntime level, all interleaved in one process.
 
     ``feeds_file`` is a pickle of an input dict (run in a :mod:`.child`, it must be a path). Returns
     ``{label: {level: LatencyStats dict}}``; a model onnxruntime cannot load gets the error at every level.
+    With ``samples`` the per-round timings are kept too (see :func:`paired_ratio`).
     """
     with open(feeds_file, "rb") as f:
         feeds = pickle.load(f)
@@ -105,8 +116,18 @@ def ort_latency(
         out[label][level] = LatencyStats(error=error).to_dict()
     for key, stats in measured.items():
         label, level = key.split("\t")
-        out[label][level] = stats.to_dict()
+        out[label][level] = stats.to_dict(samples=samples)
     return out
+
+
+def paired_ratio(samples_ms: Sequence[float], baseline_ms: Sequence[float]) -> float | None:
+    """Median over rounds of ``sample / baseline`` measured in the same round of an interleaved run.
+
+    More robust than a ratio of medians when the machine's speed drifts during the run: both timings of
+    a round saw the same machine.
+    """
+    pairs = [a / b for a, b in zip(samples_ms, baseline_ms, strict=False) if b > 0]
+    return statistics.median(pairs) if pairs else None
 
 
 def _runner(sess: Any, feeds: dict[str, Any]) -> Callable[[], object]:

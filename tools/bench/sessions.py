@@ -8,6 +8,8 @@ interleaved, and idle spinning threads of one session slowed another 7-13x in a 
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,3 +78,30 @@ def run_outputs(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> 
     names = [o.name for o in sess.get_outputs()]
     values = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
     return dict(zip(names, values, strict=True))
+
+
+def creation_seconds(models: Mapping[str, str], levels: tuple[str, ...] | list[str] = ("basic", "all"),
+                     repeat: int = 3, threads: int = 2) -> dict[str, dict[str, float | str]]:
+    """Median wall time to create a session for every model (label -> path) at every level.
+
+    Creations are interleaved (every model and level once per round) so drift spreads over all of them;
+    each session is dropped before the next is made. Returns ``{label: {level: seconds or error text}}``.
+    """
+    times: dict[tuple[str, str], list[float]] = {(label, level): [] for label in models for level in levels}
+    errors: dict[tuple[str, str], str] = {}
+    for _ in range(repeat):
+        for (label, level), samples in times.items():
+            if (label, level) in errors:
+                continue
+            start = time.perf_counter()
+            try:
+                sess = cpu_session(models[label], level, threads=threads)
+            except Exception as exc:  # noqa: BLE001 - a model onnxruntime rejects is a cell, not a stop
+                errors[(label, level)] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                continue
+            samples.append(time.perf_counter() - start)
+            del sess
+    out: dict[str, dict[str, float | str]] = {label: {} for label in models}
+    for (label, level), samples in times.items():
+        out[label][level] = errors.get((label, level)) or statistics.median(samples)
+    return out
