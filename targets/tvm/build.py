@@ -1,0 +1,184 @@
+"""``compile_model``: an ONNX model -> a compiled artifact directory (library + manifest).
+
+Pipeline: :func:`frontend.prepare` (ops checked, shapes bound, simplified) -> Relax import ->
+legalize + fuse into TIR tasks -> optional MetaSchedule tuning (best schedules applied from the
+database) -> ``tvm.compile`` (the CUDA pipeline adds dlight's default GPU schedules) ->
+``export_library``. The directory is written next to its final place and renamed into it, so an
+existing artifact is either replaced whole or left as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graphopt.errors import GraphoptError
+from graphopt.ir import Model
+from graphopt.onnx_io import ModelLike, to_bytes
+
+from .frontend import prepare, signature, to_relax
+from .runtime import FORMAT, MANIFEST, is_artifact
+from .target import make_target
+from .tune import RPCConfig, TuningReport, apply_database, tune
+
+logger = logging.getLogger(__name__)
+
+LIBRARY = "model.so"
+DEFAULT_DB = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "graphopt" / "tvm-tuning"
+
+
+@dataclass
+class CompileResult:
+    path: Path
+    manifest: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+    tuning: TuningReport | None = None
+
+
+def compile_model(
+    model: Model | ModelLike,
+    output: str | os.PathLike,
+    *,
+    target: str = "cpu",
+    arch: str | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    tune_trials: int = 0,
+    db: str | os.PathLike | None = None,
+    rpc: RPCConfig | None = None,
+    num_cores: int | None = None,
+    on_progress: Callable[[int, int, str], None] | None = None,
+) -> CompileResult:
+    """Compile ``model`` for ``target`` ("cpu" or "cuda") into artifact directory ``output``.
+
+    ``shapes`` binds inputs (``{"images": [1, 3, 64, 64]}``) or symbolic dims (``{"seq": [16]}``);
+    other dims stay symbolic. ``tune_trials > 0`` tunes with MetaSchedule first (database ``db``,
+    reused across runs; measurement over ``rpc`` when given).
+    """
+    out = Path(output)
+    source, sha = _source(model)
+    if source is not None and out.exists() and out.resolve() == Path(source).resolve():
+        raise GraphoptError("the output path is the input file", hint="write the artifact to a new directory")
+    if out.exists() and not (out.is_dir() and (is_artifact(out) or not any(out.iterdir()))):
+        raise GraphoptError(f"{out} exists and is not a compiled artifact; not overwriting it",
+                            hint="choose a new directory (an existing artifact directory is replaced)")
+    tvm_target = make_target(target, arch, num_cores)
+    if tune_trials and target == "cuda" and rpc is None:
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise GraphoptError("tuning for CUDA measures on a GPU, and there is none here",
+                                hint="add --rpc-tracker/--rpc-key to measure on a GPU machine, or drop --tune")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    proto = prepare(model, shapes)
+    inputs, outputs = signature(proto)
+    mod = to_relax(proto)
+    seconds["import"] = time.perf_counter() - clock
+    report = None
+    db_dir = Path(db) if db is not None else DEFAULT_DB
+    if tune_trials:
+        symbolic = sorted({d for s in inputs for d in s.shape if isinstance(d, str)})
+        if symbolic:
+            raise GraphoptError(f"tuning needs static shapes; symbolic dims left: {', '.join(symbolic)}",
+                                hint="bind them with --shape NAME=N (compile without --tune keeps them dynamic)")
+        clock = time.perf_counter()
+        mod = lower_to_tasks(mod, tvm_target)
+        report = tune(mod, tvm_target, db_dir, tune_trials, rpc=rpc, on_progress=on_progress)
+        mod = apply_database(mod, tvm_target, db_dir)
+        seconds["tune"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    executable = _compile(mod, tvm_target)
+    seconds["build"] = time.perf_counter() - clock
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        "library": LIBRARY,
+        "target": {"kind": target, "tvm": str(tvm_target)},
+        "inputs": [s.to_dict() for s in inputs],
+        "outputs": [s.to_dict() for s in outputs],
+        "source_model": {"path": str(source) if source else None, "sha256": sha},
+        "versions": _versions(),
+        "tuning": None if report is None else {"database": str(db_dir.resolve()), "digest": report.digest,
+                                               "tasks": report.tasks, "tuned_now": len(report.tuned),
+                                               "trials_now": report.trials},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+    _write_artifact(out, executable, manifest)
+    return CompileResult(out, manifest, seconds, report)
+
+
+def lower_to_tasks(mod, target):
+    """Legalize and fuse: the Relax module whose TIR functions are MetaSchedule's tasks."""
+    import tvm
+    from tvm import relax
+
+    with target:
+        return tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.get_pipeline("zero"),
+        ])(mod)
+
+
+def _compile(mod, target):
+    import tvm
+
+    try:
+        return tvm.compile(mod, target=target)
+    except Exception as exc:  # noqa: BLE001 - TVM's lowering raises TVMError/InternalError subclasses
+        raise GraphoptError(f"TVM failed to compile the model for {target.kind.name}: "
+                            f"{(str(exc).strip().splitlines() or ['?'])[-1]}") from None
+
+
+def _write_artifact(out: Path, executable, manifest: dict[str, Any]) -> None:
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
+    try:
+        executable.export_library(str(staging / LIBRARY))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.old-"))
+            os.rename(out, old / "artifact")
+        os.rename(staging, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _source(model: Model | ModelLike) -> tuple[str | None, str]:
+    """The model's file (if it came from one) and the sha256 of its bytes."""
+    path = model.source_path if isinstance(model, Model) else (
+        os.fspath(model) if isinstance(model, str | os.PathLike) else None)
+    if isinstance(model, Model) and path is None:
+        return None, hashlib.sha256(to_bytes(model)).hexdigest()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise GraphoptError(f"no such model file: {path}")
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return path, digest.hexdigest()
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return None, hashlib.sha256(data).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import graphopt
+
+    return {"graphopt": graphopt.__version__, "tvm": version("apache-tvm"), "tvm_ffi": version("apache-tvm-ffi")}

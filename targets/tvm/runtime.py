@@ -1,0 +1,140 @@
+"""Run a compiled artifact directory: ``load(DIR)`` returns a callable :class:`Runner`.
+
+This module imports only the standard library, numpy and TVM's *runtime* (``tvm.runtime`` and its
+Relax VM), so it also works where TVM's compiler library is absent: with ``TVM_USE_RUNTIME_LIB=1``
+and only ``libtvm_runtime*.so`` installed (the CUDA benchmark ships it that way to a GPU machine).
+It does not import graphopt's core either (which needs onnx); it can be loaded as a plain file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    from graphopt.errors import GraphoptError
+except ImportError:  # loaded standalone (a file on a machine without graphopt's dependencies)
+    GraphoptError = RuntimeError  # type: ignore[misc,assignment]
+
+MANIFEST = "manifest.json"
+FORMAT = "graphopt-tvm-artifact"
+
+
+class ArtifactError(GraphoptError):
+    """A compiled artifact directory that cannot be read or run as asked."""
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of artifact directory ``path`` (checked to be one)."""
+    folder = Path(path)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{folder} is not a compiled artifact (no {MANIFEST})") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{folder / MANIFEST} cannot be read: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{folder / MANIFEST} is not a graphopt TVM manifest")
+    return manifest
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class Runner:
+    """A loaded artifact: ``runner(x)`` / ``runner(input_ids=..., attention_mask=...)`` -> {output name: array}."""
+
+    def __init__(self, path: str | os.PathLike, device_id: int = 0) -> None:
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.inputs: list[dict] = self.manifest["inputs"]
+        self.outputs: list[dict] = self.manifest["outputs"]
+        kind = self.manifest["target"]["kind"]
+        self.device = tvm.cuda(device_id) if kind == "cuda" else tvm.cpu(device_id)
+        if kind == "cuda" and not self.device.exist:
+            raise ArtifactError(f"{self.path} was compiled for CUDA and there is no CUDA GPU here")
+        lib = self.path / self.manifest["library"]
+        try:
+            self._vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
+        except Exception as exc:  # noqa: BLE001 - TVM raises its own error types for bad libraries
+            raise ArtifactError(f"cannot load {lib}: {str(exc).strip().splitlines()[-1]}") from None
+        self._main = self._vm["main"]
+
+    def __call__(self, *args: np.ndarray, **kwargs: np.ndarray) -> dict[str, np.ndarray]:
+        if len(args) > len(self.inputs):
+            raise ArtifactError(f"{len(args)} positional inputs given, the model takes {len(self.inputs)}")
+        feeds = {spec["name"]: value for spec, value in zip(self.inputs, args, strict=False)}
+        if both := sorted(set(feeds) & set(kwargs)):
+            raise ArtifactError(f"inputs given twice: {both}")
+        return self.run({**feeds, **kwargs})
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once on ``feeds`` (checked against the manifest), outputs as numpy arrays by name."""
+        result = self._main(*self._device_args(feeds))
+        self.device.sync()
+        values = list(result) if len(self.outputs) > 1 else [result]
+        return {spec["name"]: value.numpy() for spec, value in zip(self.outputs, values, strict=True)}
+
+    def benchmark(self, feeds: Mapping[str, np.ndarray], repeat: int = 20, warmup: int = 3) -> list[float]:
+        """Wall time (ms) of ``repeat`` runs after ``warmup`` runs, inputs already on the device."""
+        args = self._device_args(feeds)
+        times = []
+        for i in range(warmup + repeat):
+            start = time.perf_counter()
+            self._main(*args)
+            self.device.sync()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    def median_ms(self, feeds: Mapping[str, np.ndarray], repeat: int = 20) -> float:
+        return statistics.median(self.benchmark(feeds, repeat))
+
+    def _device_args(self, feeds: Mapping[str, np.ndarray]) -> list:
+        import tvm
+
+        return [tvm.runtime.tensor(value, self.device) for value in check_feeds(self.inputs, feeds)]
+
+
+def check_feeds(specs: Sequence[Mapping[str, Any]], feeds: Mapping[str, Any]) -> list[np.ndarray]:
+    """Feeds in input order, each checked for presence, dtype, rank, static dims and consistent symbols."""
+    names = [s["name"] for s in specs]
+    if missing := [n for n in names if n not in feeds]:
+        raise ArtifactError(f"missing input(s) {missing}; the model takes {names}")
+    if extra := sorted(set(feeds) - set(names)):
+        raise ArtifactError(f"unknown input(s) {extra}; the model takes {names}")
+    symbols: dict[str, tuple[int, str]] = {}
+    ordered = []
+    for spec in specs:
+        name, value = spec["name"], np.asarray(feeds[spec["name"]])
+        if value.dtype != np.dtype(spec["dtype"]):
+            raise ArtifactError(f"input {name!r} has dtype {value.dtype}, the model takes {spec['dtype']}")
+        shape = spec["shape"]
+        if value.ndim != len(shape):
+            raise ArtifactError(f"input {name!r} has shape {list(value.shape)}, the model takes {shape}")
+        for axis, (want, got) in enumerate(zip(shape, value.shape, strict=True)):
+            if isinstance(want, int) and want != got:
+                raise ArtifactError(f"input {name!r} has shape {list(value.shape)}, the model takes {shape}")
+            if isinstance(want, str):
+                seen = symbols.setdefault(want, (got, name))
+                if seen[0] != got:
+                    raise ArtifactError(f"dim {want!r} is {seen[0]} in input {seen[1]!r} but {got} in input "
+                                        f"{name!r} (axis {axis})")
+        ordered.append(np.ascontiguousarray(value))
+    return ordered
+
+
+def load(path: str | os.PathLike, device_id: int = 0) -> Runner:
+    """Load the artifact that ``graphopt compile`` wrote into directory ``path``."""
+    return Runner(path, device_id)

@@ -1,0 +1,192 @@
+"""MetaSchedule tuning with a persistent database, local or over TVM's RPC tracker.
+
+Only the tasks the database cannot already serve are tuned: a task counts as done when the
+database has its workload *and* a measured record for it, so a second compile of the same model
+for the same target tunes nothing. Measurement runs locally or through ``RPCRunner`` on the
+servers registered with a tracker under a key, which spreads it over machines.
+
+The builder uses :func:`build_candidate` instead of MetaSchedule's default build function: the
+default one re-imports ``tvm.s_tir.tensor_intrin`` (~40 s here) in every worker batch, so with the
+default timeout every candidate fails and "tuning" silently changes nothing (TVM_FACTS.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from graphopt.errors import GraphoptError
+
+logger = logging.getLogger(__name__)
+
+DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+@dataclass
+class RPCConfig:
+    """Where measurement runs: servers registered under ``key`` with the tracker at ``host:port``."""
+
+    host: str
+    port: int
+    key: str
+    workers: int = 1  # candidates measured at once (one per server is the natural choice)
+
+    @classmethod
+    def parse(cls, tracker: str, key: str, workers: int = 1) -> RPCConfig:
+        host, sep, port = tracker.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise GraphoptError(f"bad --rpc-tracker {tracker!r}", hint="write HOST:PORT, e.g. 127.0.0.1:9190")
+        return cls(host, int(port), key, workers)
+
+
+@dataclass
+class TuningReport:
+    database: str
+    tasks: int
+    tuned: list[str] = field(default_factory=list)  # tasks tuned in this run
+    reused: list[str] = field(default_factory=list)  # tasks the database already had
+    trials: int = 0  # candidates measured successfully in this run
+    failed: int = 0  # candidates that failed to build or run
+    seconds: float = 0.0
+    digest: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_candidate(mod, target, _params):
+    """MetaSchedule's default build without its ~40 s tensor-intrinsic import per worker batch."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def open_database(db_dir: str | Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    path = Path(db_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)  # JSONDatabase does not create its folder
+    except OSError as exc:
+        raise GraphoptError(f"cannot create the tuning database folder {path}: {exc.strerror}") from None
+    return ms.database.JSONDatabase(work_dir=str(path))
+
+
+def database_digest(db_dir: str | Path) -> str:
+    """sha256 over the database files: which schedules an artifact was built from."""
+    digest = hashlib.sha256()
+    for name in DB_FILES:
+        file = Path(db_dir) / name
+        digest.update(file.read_bytes() if file.is_file() else b"")
+    return digest.hexdigest()
+
+
+def tuned_already(db, task, target) -> bool:
+    mod = task.dispatched[0]
+    return bool(db.has_workload(mod)) and db.query_tuning_record(mod, target, task.task_name) is not None
+
+
+def tune(
+    mod,
+    target,
+    db_dir: str | Path,
+    trials: int,
+    *,
+    rpc: RPCConfig | None = None,
+    on_progress: Callable[[int, int, str], None] | None = None,
+    seed: int = 0,
+) -> TuningReport:
+    """Tune the TIR tasks of ``mod`` (a legalized, fused Relax module) that ``db_dir`` lacks, ``trials`` in all.
+
+    ``on_progress(done, total, task_name)`` is called after every measured batch.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    if trials < 1:
+        raise GraphoptError(f"--trials must be at least 1, got {trials}")
+    start = time.perf_counter()
+    db = open_database(db_dir)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    missing = [t for t in tasks if not tuned_already(db, t, target)]
+    report = TuningReport(str(db_dir), len(tasks), [t.task_name for t in missing],
+                          [t.task_name for t in tasks if t not in missing])
+    if not missing:
+        logger.info("all %d tasks are in the tuning database %s: nothing to tune", len(tasks), db_dir)
+    else:
+        per_task = max(1, math.ceil(trials / len(missing)))
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            missing, str(db_dir), num_threads=_cores(target), seed=seed)
+        counter = _Counter(trials, [t.task_name for t in missing], on_progress)
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=trials,
+            max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task),
+            builder=ms.builder.LocalBuilder(f_build=build_candidate, max_workers=_cores(target), timeout_sec=120),
+            runner=_runner(rpc), database=db, cost_model="xgb",
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter.callback()],
+        )
+        report.trials, report.failed = counter.ok, counter.failed
+        if counter.ok == 0:
+            raise GraphoptError(f"tuning measured no candidate successfully ({counter.failed} failed)",
+                                hint="run with -v to see MetaSchedule's build/run errors")
+    report.seconds = time.perf_counter() - start
+    report.digest = database_digest(db_dir)
+    return report
+
+
+def apply_database(mod, target, db_dir: str | Path):
+    """``mod`` with every task that has a record in ``db_dir`` replaced by its best schedule."""
+    import tvm
+    from tvm import relax
+
+    with target, tvm.transform.PassContext(opt_level=3):
+        return relax.transform.MetaScheduleApplyDatabase(work_dir=str(db_dir))(mod)
+
+
+def _cores(target) -> int:
+    cores = target.attrs.get("num-cores") if target.kind.name == "llvm" else None
+    return int(cores) if cores else 1
+
+
+def _runner(rpc: RPCConfig | None):
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40)
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator)
+    config = ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
+                                 session_timeout_sec=120)
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=rpc.workers)
+
+
+class _Counter:
+    """Counts measured candidates and forwards progress (a MetaSchedule measure callback)."""
+
+    def __init__(self, total: int, names: list[str], on_progress: Callable[[int, int, str], None] | None) -> None:
+        self.total, self.names, self.on_progress = total, names, on_progress
+        self.ok = self.failed = 0
+
+    def callback(self):
+        from tvm.ir.utils import derived_object
+        from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+        counter = self
+
+        @derived_object
+        class Progress(PyMeasureCallback):
+            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+                for built, ran in zip(builder_results, runner_results, strict=False):
+                    if built.error_msg is None and ran.error_msg is None:
+                        counter.ok += 1
+                    else:
+                        counter.failed += 1
+                        logger.debug("candidate failed: %s", (built.error_msg or ran.error_msg or "")[-500:])
+                if counter.on_progress is not None:
+                    counter.on_progress(counter.ok + counter.failed, counter.total, counter.names[task_id])
+
+        return Progress()
