@@ -1,0 +1,243 @@
+"""``quantize(model, calib, config)``: fusions, calibration, QDQ/dynamic/weight-only insertion, the accuracy
+budget, the latency check, the per-tensor error report, and a final onnxruntime check before returning."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+
+import graphopt
+from graphopt.errors import GraphoptError
+from graphopt.ir import Model
+from graphopt.onnx_io import ModelLike, to_bytes, to_proto
+from graphopt.passes.prune.calib import run_exposed
+from graphopt.pipeline import PassContext, get_pass
+
+from .budget import fit_budget, sensitivities
+from .calib import CalibSource, batches, load_calibration
+from .config import QuantConfig
+from .dynamic import insert_dynamic
+from .evaluate import Outputs, latency_ms, metric_value, output_errors, run_outputs, session
+from .observe import observe, progress_bar
+from .optable import STATIC_KINDS, WEIGHT_KINDS, paying_kinds, speedup
+from .plan import Plan, make_plan
+from .qdq import Inserted, insert_static, insert_weight_only
+from .qparams import qrange, sqnr_db
+from .ranges import clip_range
+from .report import LATENCY, SENSITIVITY, UNSUPPORTED, FloatNode, LayerError, QuantReport
+
+log = logging.getLogger(__name__)
+
+Calibration = CalibSource | Iterable[Mapping[str, np.ndarray]]
+
+
+def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig | None = None
+             ) -> tuple[Model, QuantReport]:
+    """Quantize a model (path, bytes, ModelProto or graphopt Model, which is left untouched).
+
+    Returns the quantized graphopt Model (checked to load and run in onnxruntime) and a QuantReport.
+    """
+    config = config or QuantConfig()
+    config.check()
+    clock = _Clock()
+    model = graphopt.load(to_bytes(model) if isinstance(model, Model) else model)
+    samples = load_calibration(calib, model, config.calib_samples)  # checked before any work
+    if config.fuse:
+        graphopt.optimize(model, level="fuse")
+    get_pass("lift-constants").run(model, PassContext())
+    _name_nodes(model)
+    clock.lap("prepare")
+    fp32 = to_bytes(model)
+    report = QuantReport(config.mode, config.method if config.mode == "static" else "-", config.activation_type,
+                         config.per_channel, len(samples), max_error=config.max_error)
+    plan, ranges = _plan_and_ranges(model, fp32, samples, config, report)
+    clock.lap("calibrate")
+    job = _Job(fp32, config, ranges, samples)
+    selected = set(plan.candidates)
+    if config.max_error is not None and selected:
+        selected = _fit_budget(job, plan, selected, report)
+        clock.lap("budget")
+    if config.latency_aware and selected:
+        selected = _pay_or_fall_back(job, plan, selected, report)
+        clock.lap("latency")
+    quantized, inserted = job.build(selected)
+    got = run_outputs(quantized, job.eval_feeds)  # never hand back a model onnxruntime cannot run
+    report.output_error = output_errors(job.reference, got)
+    report.output_error["metric"] = job.error(got)
+    if config.max_error is not None:
+        report.budget_met = report.output_error["metric"] <= config.max_error
+    report.quantized_nodes = len(inserted.quantized)
+    report.notes += inserted.notes
+    report.layers = inserted.weights + _activation_errors(fp32, quantized, inserted, job.sens_feeds)
+    report.kept_float = plan.kept_float + [f for f in report.kept_float if f not in plan.kept_float]
+    report.size_bytes = {"fp32": len(fp32), "quantized": len(quantized)}
+    clock.lap("check")
+    report.timings_s = clock.laps
+    return graphopt.load(quantized), report
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.laps["total"] = now - self.start
+        self.last = now
+
+
+def _name_nodes(model: Model) -> None:
+    """Every node gets a unique name: reports and the budget refer to nodes by name."""
+    seen: set[str] = set()
+    for node in model.graph:
+        if not node.name or node.name in seen:
+            node.name = model.graph.fresh_name(f"{node.op_type}_{len(seen)}")
+        seen.add(node.name)
+
+
+def _kinds(config: QuantConfig) -> set[str]:
+    if config.mode == "dynamic":
+        allowed = {"MatMul", "Gemm"}
+    elif config.mode == "weight_only":
+        allowed = set(WEIGHT_KINDS)
+    else:
+        allowed = set(STATIC_KINDS)
+    if config.op_types is not None:
+        unknown = set(config.op_types) - {k.replace("1x1", "").replace("Depthwise", "") for k in allowed}
+        if unknown:
+            raise GraphoptError(f"cannot quantize op types {sorted(unknown)} in {config.mode} mode",
+                                hint=f"supported: {', '.join(sorted(allowed))}")
+        return {k for k in allowed if k.replace("1x1", "").replace("Depthwise", "") in config.op_types}
+    if config.mode == "static" and config.latency_aware:
+        return allowed & paying_kinds()
+    return allowed
+
+
+def _plan_and_ranges(model: Model, fp32: bytes, samples, config: QuantConfig, report: QuantReport
+                     ) -> tuple[Plan, dict[str, tuple[float, float]]]:
+    plan = make_plan(model, _kinds(config), set(config.nodes_to_exclude), weights_only=config.mode != "static")
+    if config.mode != "static" or not plan.candidates:
+        return plan, {}
+    proto = to_proto(model)
+    feeds = batches(samples, proto, 16)
+    with progress_bar(config.progress) as bar:
+        stats, dtypes = observe(proto, plan.tensors(), feeds, config.method != "minmax", bar)
+    levels = qrange(np.dtype(config.activation_type))
+    ranges = {name: clip_range(h, config.method, levels[1] - levels[0] + 1, config.percentile)
+              for name, h in stats.items()}
+    for name, cand in list(plan.candidates.items()):
+        tensors = [cand.node.inputs[i].name for i in cand.activations] + [cand.node.outputs[0].name]
+        missing = [t for t in tensors if t not in ranges]
+        if missing:
+            del plan.candidates[name]
+            plan.kept_float.append(FloatNode(name, cand.node.op_type, UNSUPPORTED,
+                                             f"{missing[0]} is {dtypes.get(missing[0], 'not float')}"))
+    return plan, ranges
+
+
+class _Job:
+    """Builds variants (which nodes stay float) from the fused fp32 model and scores them."""
+
+    def __init__(self, fp32: bytes, config: QuantConfig, ranges, samples) -> None:
+        self.fp32, self.config, self.ranges = fp32, config, ranges
+        self.eval_feeds = samples
+        self.sens_feeds = samples[: config.sensitivity_samples]
+        self.reference = run_outputs(session(fp32), samples, label="fp32 model")
+
+    def build(self, selected: set[str]) -> tuple[bytes, Inserted]:
+        model = graphopt.load(self.fp32)
+        if self.config.mode == "static":
+            inserted = insert_static(model, selected, self.ranges, self.config)
+        elif self.config.mode == "dynamic":
+            inserted = insert_dynamic(model, selected, self.config)
+        else:
+            inserted = insert_weight_only(model, selected, self.config)
+        return to_bytes(model), inserted
+
+    def error(self, got: Outputs, subset: bool = False) -> float:
+        ref = self.reference[: len(got)] if subset else self.reference
+        if self.config.user_metric is not None:
+            return float(self.config.user_metric(ref, got))
+        return metric_value(output_errors(ref, got), self.config.metric)
+
+    def error_of(self, selected: set[str]) -> Callable[[set[str], bool], float]:
+        def score(floats: set[str], full: bool) -> float:
+            model, _ = self.build(selected - floats)
+            feeds = self.eval_feeds if full else self.sens_feeds
+            return self.error(run_outputs(model, feeds), subset=not full)
+        return score
+
+
+def _fit_budget(job: _Job, plan: Plan, selected: set[str], report: QuantReport) -> set[str]:
+    score = job.error_of(selected)
+    full_error = score(set(), True)
+    if full_error <= job.config.max_error:
+        return selected
+    layers = sorted(selected)
+    with progress_bar(job.config.progress) as bar:
+        task = bar.add_task("sensitivity", total=len(layers)) if bar is not None else None
+        _, gains = sensitivities(layers, score, (lambda: bar.advance(task)) if bar is not None else lambda: None)
+    report.sensitivity = gains
+    order = sorted(layers, key=lambda n: -gains[n])
+    floats, error, met = fit_budget(order, job.config.max_error, score)
+    for name in order:
+        if name in floats:
+            report.kept_float.append(FloatNode(name, plan.candidates[name].node.op_type, SENSITIVITY,
+                                               f"error {gains[name]:.3g} lower when float"))
+    if not met:
+        report.notes.append(f"budget {job.config.max_error:g} not met even with every layer float ({error:.3g})")
+    return selected - floats
+
+
+def _pay_or_fall_back(job: _Job, plan: Plan, selected: set[str], report: QuantReport) -> set[str]:
+    """The quantized model must not be slower than fp32: drop the op kinds that pay least until it is not."""
+    feed = job.eval_feeds[0]
+    kinds = sorted({plan.candidates[n].kind for n in selected}, key=lambda k: speedup(k) or 0.0)
+    while True:
+        model, _ = job.build(selected)
+        times = latency_ms({"fp32": job.fp32, "quantized": model}, feed)
+        report.latency_ms = times
+        if times["quantized"] <= times["fp32"] or not selected:
+            return selected
+        kind = kinds.pop(0) if kinds else None
+        dropped = {n for n in selected if plan.candidates[n].kind == kind} if kind else set(selected)
+        note = f"int8 {kind} made the model slower ({times['quantized']:.3f} vs {times['fp32']:.3f} ms fp32)" \
+            if kind else "the quantized model was slower than fp32: left in float"
+        for name in sorted(dropped):
+            report.kept_float.append(FloatNode(name, plan.candidates[name].node.op_type, LATENCY, note))
+        selected = selected - dropped
+        if not selected:
+            report.latency_ms = {"fp32": times["fp32"]}
+            report.notes.append(note)
+            return selected
+
+
+def _activation_errors(fp32: bytes, quantized: bytes, inserted: Inserted, feeds) -> list[LayerError]:
+    """SQNR of every quantized activation in the quantized model (DequantizeLinear output) vs fp32."""
+    if not inserted.activations or not feeds:
+        return []
+    names = list(inserted.activations)
+    dq_names = [inserted.activations[n][0] for n in names]
+    signal: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    noise: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    import onnx
+
+    for ref, got in zip(run_exposed(onnx.load_from_string(fp32), names, feeds),
+                        run_exposed(onnx.load_from_string(quantized), dq_names, feeds), strict=True):
+        for name, dq in zip(names, dq_names, strict=True):
+            signal[name].append(np.ravel(ref[name]))
+            noise[name].append(np.ravel(got[dq]))
+    rows = []
+    for name in names:
+        dq, cand, qp = inserted.activations[name]
+        node, op = (cand.node.name, cand.node.op_type) if cand is not None else ("", "")
+        rows.append(LayerError(name, node, op, "activation",
+                               sqnr_db(np.concatenate(signal[name]), np.concatenate(noise[name])),
+                               float(qp.scale), str(qp.dtype)))
+    return rows
+

@@ -1,0 +1,80 @@
+"""QuantConfig: every choice ``quantize`` makes, one field each (the CLI maps one flag to one field)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+
+MODES = ("static", "dynamic", "weight_only")
+METHODS = ("minmax", "percentile", "entropy", "mse")
+METRICS = ("cosine", "rel_l2")
+ACTIVATION_TYPES = ("uint8", "int8")
+
+# A user metric gets the fp32 and the quantized outputs of every calibration sample (same order, dicts keyed by
+# output name) and returns an error: lower is better, compared with ``max_error``.
+Metric = Callable[[Sequence[Mapping[str, np.ndarray]], Sequence[Mapping[str, np.ndarray]]], float]
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize.
+
+    mode: "static" (QDQ pairs on activations and weights, calibrated ranges; onnxruntime runs int8 kernels),
+        "dynamic" (int8 weights, activations quantized at run time: MatMul/Gemm-heavy models such as
+        transformers) or "weight_only" (int8 weights + DequantizeLinear, float compute: a smaller file).
+    activation_type: "uint8" (fast on every x86 CPU: U8S8) or "int8" (S8S8: slow on CPUs without VNNI).
+    per_channel: one weight scale per output channel (else per tensor).
+    reduce_range: 7-bit weights (+-63), for CPUs whose U8S8 kernels may saturate int16 sums (AVX2 without VNNI).
+    symmetric: symmetric activation ranges (zero point at the middle); weights are always symmetric int8.
+    method: how activation ranges are chosen from the calibration data: "minmax", "percentile"
+        (``percentile`` of |x|), "entropy" (KL divergence, TensorRT-style) or "mse" (the clipping range that
+        minimizes the quantization mean squared error).
+    max_error: accuracy budget on the model outputs against fp32 over the calibration data (``metric``:
+        "cosine" means 1 - mean cosine similarity, "rel_l2" the relative L2 error), or ``user_metric``.
+        Layers are kept in float, most sensitive first, until the budget is met. None: quantize everything
+        that pays.
+    latency_aware: leave ops in float where int8 does not pay on this machine (``int8_ops.json``) and check
+        the whole model is not slower than fp32.
+    op_types: op types to quantize; None means those the measured table says pay.
+    nodes_to_exclude: node names always kept in float.
+    calib_samples: use at most this many calibration samples.
+    fuse: run graphopt's fusion pipeline (level "fuse": Conv+BN and friends) first.
+    """
+
+    mode: str = "static"
+    activation_type: str = "uint8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    symmetric: bool = False
+    method: str = "minmax"
+    percentile: float = 99.999
+    max_error: float | None = None
+    metric: str = "cosine"
+    user_metric: Metric | None = None
+    latency_aware: bool = True
+    op_types: Sequence[str] | None = None
+    nodes_to_exclude: Sequence[str] = ()
+    calib_samples: int = 256
+    sensitivity_samples: int = 16
+    fuse: bool = True
+    progress: bool = False
+    seed: int = 0
+
+    def check(self) -> None:
+        for field, value, allowed in (("mode", self.mode, MODES), ("method", self.method, METHODS),
+                                      ("metric", self.metric, METRICS),
+                                      ("activation_type", self.activation_type, ACTIVATION_TYPES)):
+            if value not in allowed:
+                raise GraphoptError(f"unknown {field} {value!r}", hint=f"use one of {', '.join(allowed)}")
+        if self.max_error is not None and not self.max_error >= 0:
+            raise GraphoptError(f"max_error must be >= 0, got {self.max_error}")
+        if self.user_metric is not None and self.max_error is None:
+            raise GraphoptError("a user metric needs max_error (the budget it is compared with)")
+        if not 0 < self.percentile <= 100:
+            raise GraphoptError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.calib_samples < 1 or self.sensitivity_samples < 1:
+            raise GraphoptError("calib_samples and sensitivity_samples must be at least 1")

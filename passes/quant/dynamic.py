@@ -1,0 +1,78 @@
+"""Dynamic quantization: MatMul/Gemm with constant weights become onnxruntime's DynamicQuantizeMatMul
+(com.microsoft): int8 weights (per column or per tensor), activations quantized to uint8 at run time.
+
+Measured here (``int8_ops.json``, "dynamic:MatMul"): DynamicQuantizeMatMul and DynamicQuantizeLinear +
+MatMulInteger run at the same speed (onnxruntime fuses the second into the first); the single contrib
+node is emitted because it also takes the bias of a following Add, saving a pass over the output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.ir import Model, Node
+
+from .config import QuantConfig
+from .plan import Candidate, is_const, make_plan
+from .qdq import Inserted, _Builder, _finish
+
+MS_DOMAIN = "com.microsoft"
+
+
+def insert_dynamic(model: Model, selected: set[str], config: QuantConfig) -> Inserted:
+    report = Inserted()
+    graph = model.graph
+    build = _Builder(graph, config)
+    for name, cand in make_plan(model, {"MatMul", "Gemm"}, set()).candidates.items():
+        if name not in selected:
+            continue
+        node = cand.node
+        bias, absorbed = _bias(cand)
+        if node.op_type == "Gemm" and cand.bias is not None and bias is None:
+            report.notes.append(f"{name}: Gemm bias is not a plain vector (beta or shape): left float")
+            continue
+        weight = node.inputs[cand.weight]
+        transposed = node.op_type == "Gemm" and node.attr("transB", 0)
+        if transposed:  # DynamicQuantizeMatMul has no transB: store the int8 weight as (K, N)
+            from graphopt.ir.tensor import ArrayTensor
+
+            weight = graph.add_initializer(ArrayTensor(np.ascontiguousarray(weight.const.numpy().T),
+                                                       graph.fresh_name(f"{weight.name}_t")))
+        axis = 1 if config.per_channel else None
+        dq, qp = build.weight(weight, axis, cand, report)
+        q_weight = dq.producer.inputs[0]  # the int8 initializer behind the DequantizeLinear
+        scale, zero_point = dq.producer.inputs[1], dq.producer.inputs[2]
+        new = Node("DynamicQuantizeMatMul", [node.inputs[0], q_weight, scale, zero_point, bias], domain=MS_DOMAIN,
+                   outputs=[graph.fresh_name(f"{node.name}_dyn")], name=graph.fresh_name(f"{node.name}_int8"))
+        graph.append(new)
+        last = absorbed or node
+        old_out = last.outputs[0]
+        out_name, out_type = old_out.name, old_out.type
+        old_out.replace_all_uses_with(new.outputs[0], include_graph_outputs=True)
+        if absorbed is not None:
+            graph.erase(absorbed)
+        graph.erase(node)
+        new.outputs[0].name, new.outputs[0].type = out_name, out_type
+        report.quantized.append(name)
+    if report.quantized:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    _finish(graph)
+    return report
+
+
+def _bias(cand: Candidate):
+    """(bias value, the Add it comes from or None): Gemm's C, or a constant 1-D Add right after a MatMul."""
+    node = cand.node
+    n = node.inputs[1].shape[1] if node.op_type == "MatMul" or not node.attr("transB", 0) else node.inputs[1].shape[0]
+    if node.op_type == "Gemm":
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        return (c if c is not None and tuple(c.shape or ()) == (n,) and node.attr("beta", 1.0) == 1.0 else None), None
+    out = node.outputs[0]
+    users = out.users()
+    if len(out.uses()) != 1 or out.is_graph_output() or users[0].op_type != "Add":
+        return None, None
+    add = users[0]
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    if is_const(other) and tuple(other.shape or ()) == (n,) and other.elem_type == 1:
+        return other, add
+    return None, None

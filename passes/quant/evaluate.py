@@ -1,0 +1,77 @@
+"""Running candidates in onnxruntime as users will (all graph optimizations on, so QDQ groups become int8
+kernels): outputs on calibration samples, the output error metrics, and interleaved latency."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from graphopt.errors import GraphoptError
+
+Outputs = list[dict[str, np.ndarray]]
+
+
+def session(model: bytes, threads: int = 2) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 4
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def run_outputs(model: bytes | ort.InferenceSession, feeds: Sequence[Mapping[str, np.ndarray]],
+                label: str = "quantized model") -> Outputs:
+    try:
+        sess = model if isinstance(model, ort.InferenceSession) else session(model)
+        names = [o.name for o in sess.get_outputs()]
+        return [dict(zip(names, sess.run(names, dict(feed)), strict=True)) for feed in feeds]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several kinds; one message for the user
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphoptError(f"onnxruntime cannot run the {label}: {text}",
+                            hint="this is a graphopt bug; nothing was written") from exc
+
+
+def output_errors(ref: Outputs, got: Outputs) -> dict[str, float]:
+    """cosine: mean over samples of the cosine similarity of all float outputs (flattened together);
+    rel_l2: ||ref - got|| / ||ref|| over everything; sqnr_db: 10 log10(signal / noise)."""
+    cosines, signal, noise = [], 0.0, 0.0
+    for r, g in zip(ref, got, strict=True):
+        a = np.concatenate([np.ravel(v).astype(np.float64) for v in r.values() if v.dtype.kind == "f"])
+        b = np.concatenate([np.ravel(g[k]).astype(np.float64) for k, v in r.items() if v.dtype.kind == "f"])
+        denom = np.linalg.norm(a) * np.linalg.norm(b)
+        cosines.append(float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b)))
+        signal += float(a @ a)
+        noise += float((a - b) @ (a - b))
+    rel = math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf)
+    sqnr = 10 * math.log10(signal / noise) if noise > 0 else math.inf
+    return {"cosine": float(np.mean(cosines)), "rel_l2": rel, "sqnr_db": sqnr}
+
+
+def metric_value(errors: Mapping[str, float], metric: str) -> float:
+    """The budget metric as an error (lower is better)."""
+    return 1.0 - errors["cosine"] if metric == "cosine" else errors["rel_l2"]
+
+
+def latency_ms(models: Mapping[str, bytes], feed: Mapping[str, np.ndarray], seconds: float = 1.0,
+               min_runs: int = 10) -> dict[str, float]:
+    """Median latency of each model, the models interleaved run by run (A B A B ...) so drift hits all."""
+    sessions = {k: session(m) for k, m in models.items()}
+    for sess in sessions.values():
+        for _ in range(2):
+            sess.run(None, dict(feed))
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    start = time.perf_counter()
+    while min(len(v) for v in times.values()) < min_runs or time.perf_counter() - start < seconds:
+        for name, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, dict(feed))
+            times[name].append((time.perf_counter() - t) * 1000)
+        if len(times[name]) >= 2000:
+            break
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -1,0 +1,57 @@
+"""The measured per-op table (``int8_ops.json``, written by ``tools/measure_int8_ops.py`` on this machine).
+
+An op *kind* refines an op type where onnxruntime's int8 speed differs: dense, 1x1 and depthwise
+convolutions are different kernels (depthwise int8 ran slower than fp32 here).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from graphopt.ir import Node
+
+TABLE_PATH = Path(__file__).with_name("int8_ops.json")
+# Kinds the static QDQ insertion knows how to quantize (onnxruntime has an int8 kernel for each).
+STATIC_KINDS = ("Conv", "Conv1x1", "ConvDepthwise", "Gemm", "MatMul", "Add", "Mul", "Concat", "MaxPool",
+                "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu")
+WEIGHT_KINDS = ("Conv", "Conv1x1", "ConvDepthwise", "Gemm", "MatMul")  # kinds with a constant weight input
+
+
+@functools.cache
+def load_table(path: str = str(TABLE_PATH)) -> dict:
+    """{kind: {"fused": bool, "speedup": float, "pays": bool, ...}} (empty when the file is missing)."""
+    try:
+        return json.loads(Path(path).read_text())["ops"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def op_kind(node: Node) -> str | None:
+    """The table kind of ``node``, or None when graphopt does not quantize its op type."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Conv":
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        shape = weight.shape if weight is not None else None
+        if not shape or len(shape) != 4:
+            return "Conv" if shape and len(shape) == 3 else None
+        group = node.attr("group", 1)
+        if group > 1 and shape[1] == 1:
+            return "ConvDepthwise"
+        return "Conv1x1" if tuple(shape[2:]) == (1, 1) and group == 1 else "Conv"
+    return node.op_type if node.op_type in STATIC_KINDS else None
+
+
+def paying_kinds(table: dict | None = None) -> set[str]:
+    """Kinds onnxruntime fused into an int8 kernel that beat fp32 on this machine."""
+    table = load_table() if table is None else table
+    if not table:  # no measurements: the kinds known to pay on every x86 CPU (U8S8 GEMM-based kernels)
+        return {"Conv", "Conv1x1", "Gemm"}
+    return {k for k, v in table.items() if isinstance(v, dict) and v.get("pays")}
+
+
+def speedup(kind: str, table: dict | None = None) -> float | None:
+    entry = (load_table() if table is None else table).get(kind)
+    return entry.get("speedup") if isinstance(entry, dict) else None

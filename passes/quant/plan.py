@@ -1,0 +1,107 @@
+"""Which nodes can be quantized, their weight axes, and the tensors calibration must observe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from graphopt.ir import Model, Node, Value
+
+from .optable import WEIGHT_KINDS, op_kind
+from .report import EXCLUDED, LATENCY, UNSUPPORTED, FloatNode
+
+# Ops whose output is a relabelling of the input's elements: the output shares the input's scale, so
+# onnxruntime drops the DequantizeLinear/QuantizeLinear around them and no requantization happens.
+SHARE_SCALE = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
+# Activations a QuantizeLinear with zero point = qmin implements exactly (removed, range taken over).
+ABSORBABLE = ("Relu", "Clip")
+
+
+@dataclass
+class Candidate:
+    node: Node
+    kind: str
+    activations: list[int]  # input indices read as quantized activations
+    weight: int | None = None  # input index of the constant weight
+    weight_axis: int | None = None  # its output-channel axis (per-channel scales)
+    bias: int | None = None  # input index of the constant bias (int32)
+
+
+@dataclass
+class Plan:
+    candidates: dict[str, Candidate] = field(default_factory=dict)  # by node name
+    kept_float: list[FloatNode] = field(default_factory=list)
+
+    def tensors(self) -> list[str]:
+        """Activation tensors whose ranges calibration must observe."""
+        names: dict[str, None] = {}
+        for cand in self.candidates.values():
+            for i in cand.activations:
+                names[cand.node.inputs[i].name] = None
+            out = cand.node.outputs[0]
+            names[out.name] = None
+            for user in out.users():  # absorbable activations and scale-sharing ops right after it
+                if user.op_type in ABSORBABLE + SHARE_SCALE:
+                    names[user.outputs[0].name] = None
+        return list(names)
+
+
+def is_const(value: Value | None) -> bool:
+    return value is not None and value.const is not None
+
+
+def make_plan(model: Model, kinds: set[str], exclude: set[str], weights_only: bool = False) -> Plan:
+    """Candidates among the main graph's nodes whose kind is in ``kinds`` (subgraphs stay float)."""
+    plan = Plan()
+    for node in model.graph:
+        kind = op_kind(node)
+        if kind is None:
+            continue
+        if node.name in exclude:
+            plan.kept_float.append(FloatNode(node.name, node.op_type, EXCLUDED, "nodes_to_exclude"))
+            continue
+        if kind not in kinds:
+            plan.kept_float.append(FloatNode(node.name, node.op_type, LATENCY, f"int8 {kind} does not pay here"))
+            continue
+        cand, why = _candidate(node, kind, weights_only)
+        if cand is None:
+            plan.kept_float.append(FloatNode(node.name, node.op_type, UNSUPPORTED, why))
+        else:
+            plan.candidates[node.name] = cand
+    return plan
+
+
+def _candidate(node: Node, kind: str, weights_only: bool) -> tuple[Candidate | None, str]:
+    inputs = node.inputs
+    if kind in WEIGHT_KINDS:
+        if len(inputs) < 2 or not is_const(inputs[1]):
+            return None, "weight is not a constant"
+        if is_const(inputs[0]):
+            return None, "constant input"
+        axis = _weight_axis(node)
+        if axis is None:
+            return None, "unsupported weight layout"
+        bias = 2 if len(inputs) > 2 and inputs[2] is not None else None
+        if bias is not None and (not is_const(inputs[2]) or len(inputs[2].shape or ()) != 1):
+            return None, "bias is not a constant vector"
+        return Candidate(node, kind, [0], 1, axis, bias), ""
+    if weights_only:
+        return None, "no weight"
+    if any(v is None or is_const(v) for v in inputs):
+        return None, "constant operand (onnxruntime fuses only all-activation inputs)"
+    if kind in ("Add", "Mul") and len(inputs) != 2:
+        return None, "not binary"
+    return Candidate(node, kind, list(range(len(inputs)))), ""
+
+
+def _weight_axis(node: Node) -> int | None:
+    """The output-channel axis of the weight, where per-channel scales go."""
+    shape = node.inputs[1].shape or ()
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        if node.attr("alpha", 1.0) != 1.0 or node.attr("transA", 0):
+            return None
+        return 0 if node.attr("transB", 0) else 1
+    if node.op_type == "MatMul" and len(shape) == 2:
+        return 1
+    return None

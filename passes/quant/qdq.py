@@ -1,0 +1,223 @@
+"""QDQ insertion: QuantizeLinear/DequantizeLinear pairs laid out the way onnxruntime's CPU QDQ transformer
+turns them into int8 kernels (QLinearConv, QGemm, QLinearMatMul, QLinearAdd, ...), and weight-only int8.
+
+Layout rules (each learned from what onnxruntime fuses):
+
+* every quantized node reads its activations through DequantizeLinear and (except Gemm/MatMul whose
+  consumers all stay float: QGemm and MatMulIntegerToFloat have float outputs) writes through a
+  QuantizeLinear; a tensor gets one Q/DQ pair however many nodes read it;
+* weights are constant int8 initializers + DequantizeLinear (per-channel on the output-channel axis),
+  quantized once per initializer even when several nodes share it;
+* the bias of Conv/Gemm is an int32 initializer with scale = input scale x weight scale and zero point 0:
+  exactly what QLinearConv/QGemm add in int32 (a saturating entry is reported, never wrapped);
+* a Relu, or a Clip(0, max), right after a quantized node is removed and its range given to the node's
+  QuantizeLinear, whose zero point is then qmin so the Q clamps exactly like the activation;
+* Reshape/Flatten/Squeeze/Unsqueeze/Transpose outputs share their input's scale, so onnxruntime runs them
+  on the int8 data and nothing is requantized;
+* float consumers of a tensor produced in float keep reading the float value (no needless error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphopt.ir import Graph, Model, Node, Value
+from graphopt.ir.tensor import ArrayTensor
+
+from .config import QuantConfig
+from .optable import STATIC_KINDS
+from .plan import ABSORBABLE, SHARE_SCALE, Candidate, is_const, make_plan
+from .qparams import QParams, activation_qparams, qrange, quantize_bias, quantize_weight, sqnr_db
+from .report import LayerError
+
+Range = tuple[float, float]
+
+
+@dataclass
+class Inserted:
+    """What an insertion did, for the report."""
+
+    quantized: list[str] = field(default_factory=list)  # node names
+    weights: list[LayerError] = field(default_factory=list)
+    activations: dict[str, tuple[str, Candidate, QParams]] = field(default_factory=dict)  # fp32 name -> (DQ, ..)
+    absorbed: list[str] = field(default_factory=list)  # removed Relu/Clip nodes
+    notes: list[str] = field(default_factory=list)
+
+
+class _Builder:
+    """Adds constants and Q/DQ nodes to one graph (appended; the graph is toposorted at the end)."""
+
+    def __init__(self, graph: Graph, config: QuantConfig) -> None:
+        self.graph, self.config = graph, config
+        self.weights: dict[tuple[str, int | None], tuple[Value, QParams]] = {}
+
+    def const(self, array: np.ndarray, hint: str) -> Value:
+        name = self.graph.fresh_name(hint)
+        return self.graph.add_initializer(ArrayTensor(np.asarray(array), name))
+
+    def node(self, op: str, inputs: list[Value | None], hint: str, **attrs) -> Value:
+        out = self.graph.fresh_name(hint)
+        node = Node(op, inputs, attrs, outputs=[out], name=self.graph.fresh_name(f"{hint}_node"))
+        self.graph.append(node)
+        return node.outputs[0]
+
+    def dequantize(self, q: Value, qp: QParams, hint: str) -> Value:
+        scale, zp = self.const(qp.scale, f"{hint}_scale"), self.const(qp.zero_point, f"{hint}_zero_point")
+        attrs = {"axis": qp.axis} if qp.axis is not None and qp.scale.ndim else {}
+        return self.node("DequantizeLinear", [q, scale, zp], f"{hint}_dq", **attrs)
+
+    def qdq(self, value: Value, qp: QParams) -> Value:
+        scale, zp = self.const(qp.scale, f"{value.name}_scale"), self.const(qp.zero_point, f"{value.name}_zp")
+        q = self.node("QuantizeLinear", [value, scale, zp], f"{value.name}_q")
+        return self.node("DequantizeLinear", [q, scale, zp], f"{value.name}_dq")
+
+    def weight(self, value: Value, axis: int | None, cand: Candidate, report: Inserted) -> tuple[Value, QParams]:
+        """The DequantizeLinear of an int8 copy of ``value``; one per initializer and axis (shared weights)."""
+        key = (value.name, axis)
+        if key not in self.weights:
+            w = value.const.numpy()
+            q, qp = quantize_weight(w, axis, self.config.reduce_range)
+            scale = qp.scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)]) if axis is not None else qp.scale
+            report.weights.append(LayerError(value.name, cand.node.name, cand.node.op_type, "weight",
+                                             sqnr_db(w, q.astype(np.float32) * scale), float(qp.scale.max()), "int8"))
+            self.weights[key] = (self.dequantize(self.const(q, f"{value.name}_quantized"), qp, value.name), qp)
+        return self.weights[key]
+
+
+def insert_weight_only(model: Model, selected: set[str], config: QuantConfig) -> Inserted:
+    """int8 weights + DequantizeLinear in front of every selected Conv/Gemm/MatMul; compute stays float."""
+    report = Inserted()
+    build = _Builder(model.graph, config)
+    for name, cand in make_plan(model, set(STATIC_KINDS), set(), weights_only=True).candidates.items():
+        if name in selected:
+            dq, _ = build.weight(cand.node.inputs[cand.weight], _axis(cand, config), cand, report)
+            cand.node.set_input(cand.weight, dq)
+            report.quantized.append(name)
+    _finish(model.graph)
+    return report
+
+
+def insert_static(model: Model, selected: set[str], ranges: Mapping[str, Range], config: QuantConfig) -> Inserted:
+    """Quantize the selected nodes (names) of ``model`` in place with QDQ pairs from calibrated ``ranges``."""
+    report = Inserted()
+    graph = model.graph
+    build = _Builder(graph, config)
+    act_dtype = np.dtype(config.activation_type)
+    cands = {n: c for n, c in make_plan(model, set(STATIC_KINDS), set()).candidates.items()
+             if n in selected and all(c.node.inputs[i].name in ranges for i in c.activations)
+             and c.node.outputs[0].name in ranges}
+    params: dict[str, QParams] = {}
+
+    def qparams(name: str) -> QParams:
+        if name not in params:
+            params[name] = activation_qparams(*ranges[name], act_dtype, config.symmetric)
+        return params[name]
+
+    report.absorbed = _absorb_activations(graph, cands, ranges, act_dtype, config, params)
+    quantized_consumer = set(cands)
+    wanted: dict[str, Value] = {}
+    for cand in cands.values():
+        for i in cand.activations:
+            wanted.setdefault(cand.node.inputs[i].name, cand.node.inputs[i])
+        out = cand.node.outputs[0]
+        float_output_ok = cand.kind in ("Gemm", "MatMul") and not any(u.name in cands for u in out.users())
+        if not out.is_graph_output() and not float_output_ok:
+            wanted.setdefault(out.name, out)
+    _share_scales(graph, wanted, ranges, params, qparams, quantized_consumer)
+    for name, value in wanted.items():
+        qp = qparams(name)
+        dq = build.qdq(value, qp)
+        int8_producer = value.producer is not None and value.producer.name in cands
+        for node, index in value.uses():
+            if node is dq.producer.inputs[0].producer:
+                continue  # the QuantizeLinear itself
+            if int8_producer or node.name in quantized_consumer:
+                node.set_input(index, dq)
+        reader = next((c for c in cands.values() if any(c.node.inputs[i] is dq for i in c.activations)), None)
+        report.activations[name] = (dq.name, reader or cands.get(value.producer.name if value.producer else ""), qp)
+    for cand in cands.values():
+        node = cand.node
+        dq_w, w_qp = build.weight(node.inputs[cand.weight], _axis(cand, config), cand, report) \
+            if cand.weight is not None else (None, None)
+        if dq_w is not None:
+            node.set_input(cand.weight, dq_w)
+        if cand.bias is not None:
+            x_scale = qparams(_fp32_name(node.inputs[0])).scale
+            q, qp, saturated = quantize_bias(node.inputs[cand.bias].const.numpy(), x_scale, w_qp)
+            if saturated:
+                report.notes.append(f"{node.name}: {saturated} bias entries saturate int32")
+            bias = build.dequantize(build.const(q, f"{node.inputs[cand.bias].name}_int32"), qp,
+                                    f"{node.name}_bias")
+            node.set_input(cand.bias, bias)
+        report.quantized.append(node.name)
+    _finish(graph)
+    return report
+
+
+def _fp32_name(value: Value) -> str:
+    """The name of the float tensor a DequantizeLinear output stands for (its QuantizeLinear's input)."""
+    q = value.producer.inputs[0].producer if value.producer is not None and value.producer.op_type == \
+        "DequantizeLinear" else None
+    return q.inputs[0].name if q is not None and q.op_type == "QuantizeLinear" else value.name
+
+
+def _absorb_activations(graph: Graph, cands: Mapping[str, Candidate], ranges: Mapping[str, Range],
+                        act_dtype: np.dtype, config: QuantConfig, params: dict[str, QParams]) -> list[str]:
+    """Remove Relu/Clip(0, max) after quantized nodes; their output range becomes the node's Q range."""
+    if config.symmetric:
+        return []  # the zero point sits mid-range: the Q cannot clamp at 0
+    absorbed = []
+    for cand in cands.values():
+        out = cand.node.outputs[0]
+        users = out.users()
+        if len(out.uses()) != 1 or out.is_graph_output() or users[0].op_type not in ABSORBABLE:
+            continue
+        act = users[0]
+        act_out = act.outputs[0]
+        lo, hi = ranges.get(act_out.name, (None, None))
+        if lo is None or act_out.is_graph_output() or not _clamps_at_zero(act):
+            continue
+        qp = activation_qparams(0.0, hi, act_dtype, False)
+        if int(qp.zero_point) != qrange(act_dtype)[0]:
+            continue
+        params[out.name] = qp
+        act_out.replace_all_uses_with(out)
+        graph.erase(act)
+        absorbed.append(act.name)
+    return absorbed
+
+
+def _clamps_at_zero(node: Node) -> bool:
+    if node.op_type == "Relu":
+        return True
+    low = node.inputs[1] if len(node.inputs) > 1 else None
+    lo = float(low.const.numpy()) if is_const(low) else node.attr("min", None)
+    high = node.inputs[2] if len(node.inputs) > 2 else None
+    constant_high = high is None or is_const(high)
+    return lo == 0.0 and constant_high
+
+
+def _share_scales(graph: Graph, wanted: dict[str, Value], ranges: Mapping[str, Range], params: dict[str, QParams],
+                  qparams, quantized_consumer: set[str]) -> None:
+    """Outputs of scale-sharing ops between quantized tensors take their input's parameters."""
+    for node in graph:
+        if node.op_type not in SHARE_SCALE or not node.inputs or node.inputs[0] is None:
+            continue
+        src, out = node.inputs[0], node.outputs[0]
+        if out.name in wanted and src.name in ranges:
+            params[out.name] = qparams(src.name)
+            wanted.setdefault(src.name, src)
+            quantized_consumer.add(node.name)
+
+
+def _axis(cand: Candidate, config: QuantConfig) -> int | None:
+    return cand.weight_axis if config.per_channel else None
+
+
+def _finish(graph: Graph) -> None:
+    graph.toposort()
+    for name in [n for n, v in graph.initializers.items() if not v.has_uses() and not v.is_graph_output()]:
+        graph.remove_initializer(name)

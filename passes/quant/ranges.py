@@ -1,0 +1,118 @@
+"""Clipping ranges from activation statistics: min/max, percentile, entropy (KL) and MSE-optimal.
+
+Every method reads a :class:`Histogram` of one tensor over the calibration data (exact min/max plus a
+2048-bin histogram over [min, max], filled from a strided subsample of each batch so that calibration
+stays linear in the data and cheap on large models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BINS = 2048
+SUBSAMPLE = 1 << 18  # values per tensor and batch that go into the histogram
+
+
+@dataclass
+class Histogram:
+    lo: float = np.inf
+    hi: float = -np.inf
+    counts: np.ndarray | None = None  # over [edge_lo, edge_hi], fixed after the min/max pass
+    edge_lo: float = 0.0
+    edge_hi: float = 0.0
+    samples: list[float] = field(default_factory=list)
+
+    def observe_range(self, x: np.ndarray) -> None:
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+
+    def start_histogram(self) -> None:
+        self.edge_lo, self.edge_hi = min(self.lo, 0.0), max(self.hi, 0.0)
+        self.counts = np.zeros(BINS, np.int64)
+
+    def observe_histogram(self, x: np.ndarray) -> None:
+        flat = x.reshape(-1)
+        if flat.size > SUBSAMPLE:
+            flat = flat[:: flat.size // SUBSAMPLE]
+        width = (self.edge_hi - self.edge_lo) or 1.0
+        idx = ((flat - self.edge_lo) * (BINS / width)).astype(np.int64)
+        self.counts += np.bincount(np.clip(idx, 0, BINS - 1), minlength=BINS)
+
+    def centers(self) -> np.ndarray:
+        width = (self.edge_hi - self.edge_lo) / BINS
+        return self.edge_lo + width * (np.arange(BINS) + 0.5)
+
+
+def clip_range(h: Histogram, method: str, levels: int, percentile: float = 99.999) -> tuple[float, float]:
+    """(lo, hi) to quantize a tensor to ``levels`` steps; always contains 0 (zero must be exact)."""
+    lo, hi = min(h.lo, 0.0), max(h.hi, 0.0)
+    if method == "minmax" or h.counts is None or h.counts.sum() == 0 or hi - lo <= 0:
+        return lo, hi
+    if method == "percentile":
+        return _percentile(h, percentile)
+    if method == "entropy":
+        return _entropy(h, levels)
+    if method == "mse":
+        return _mse(h, levels)
+    raise ValueError(method)
+
+
+def _percentile(h: Histogram, percentile: float) -> tuple[float, float]:
+    cdf = np.cumsum(h.counts) / h.counts.sum()
+    tail = 1.0 - percentile / 100.0
+    centers = h.centers()
+    lo = centers[min(np.searchsorted(cdf, tail), len(cdf) - 1)] if h.lo < 0 else 0.0
+    hi = centers[min(np.searchsorted(cdf, 1.0 - tail), len(cdf) - 1)] if h.hi > 0 else 0.0
+    return min(float(lo), 0.0), max(float(hi), 0.0)
+
+
+def _candidates(h: Histogram, count: int = 64) -> list[tuple[float, float]]:
+    """Shrinking clipping ranges, scaled around zero from the full range down to 2 % of it."""
+    lo, hi = min(h.lo, 0.0), max(h.hi, 0.0)
+    return [(lo * f, hi * f) for f in np.geomspace(1.0, 0.02, count)]
+
+
+def _mse(h: Histogram, levels: int) -> tuple[float, float]:
+    """The range minimizing E[(x - dequant(quant(x)))^2] under the histogram (rounding + clipping error)."""
+    x, p = h.centers(), h.counts.astype(np.float64)
+    best, best_err = None, np.inf
+    for lo, hi in _candidates(h):
+        step = (hi - lo) / (levels - 1)
+        q = np.clip(np.round((x - lo) / step), 0, levels - 1) * step + lo
+        err = float(np.dot(p, (x - q) ** 2)) + float(p.sum()) * step * step / 12  # + in-bin rounding noise
+        if err < best_err:
+            best, best_err = (lo, hi), err
+    return best
+
+
+def _entropy(h: Histogram, levels: int) -> tuple[float, float]:
+    """TensorRT-style calibration: the range whose quantized distribution has the least KL divergence."""
+    p_all = h.counts.astype(np.float64)
+    centers = h.centers()
+    best, best_kl = None, np.inf
+    for lo, hi in _candidates(h):
+        inside = (centers >= lo) & (centers <= hi)
+        if inside.sum() < levels // 4:
+            break
+        ref = p_all[inside].copy()
+        ref[0] += p_all[centers < lo].sum()  # clipped mass lands on the edges
+        ref[-1] += p_all[centers > hi].sum()
+        chunks = np.array_split(np.arange(len(ref)), min(levels, len(ref)))
+        cand = np.zeros_like(ref)
+        for chunk in chunks:
+            nonzero = p_all[inside][chunk] > 0
+            if nonzero.any():
+                cand[chunk[nonzero]] = p_all[inside][chunk].sum() / nonzero.sum()
+        kl = _kl(ref, cand)
+        if kl < best_kl:
+            best, best_kl = (lo, hi), kl
+    return best if best is not None else (min(h.lo, 0.0), max(h.hi, 0.0))
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    p = p / p.sum()
+    q = q / max(q.sum(), 1e-30)
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
