@@ -24,8 +24,10 @@ from .errors import GraphoptError
 from .onnx_io import load, runnable, save
 from .optimize import TARGET_RUNTIMES
 from .passes.prune.cli import add_parser as add_prune_parser
+from .passes.quant.cli import add_parser as add_quant_parser
 from .pipeline import available_passes, default_pipeline
 from .pipeline.registry import LEVELS
+from .targets.tvm.cli import add_parser as add_tvm_parser
 
 EXIT_MISMATCH = 1
 EXIT_USER_ERROR = 2
@@ -179,6 +181,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for path in (args.original, args.candidate):
         if not os.path.exists(path):
             raise GraphoptError(f"no such model file: {path}")
+    if os.path.isdir(args.candidate):  # a compiled artifact (graphopt compile): run it in TVM
+        from .targets.tvm.verify import verify_artifact
+
+        with step("running the original in onnxruntime and the artifact in TVM"):
+            report = verify_artifact(args.original, args.candidate, inputs=args.inputs,
+                                     shapes=parse_shapes(args.shape), rtol=args.rtol, atol=args.atol)
+        _print_verify(report, args.json)
+        return 0 if report.ok else EXIT_MISMATCH
     with step("running both models in onnxruntime"):
         report = verify_models(args.original, args.candidate, inputs=_user_inputs(args),
                                shapes=parse_shapes(args.shape), rtol=args.rtol, atol=args.atol)
@@ -243,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes_and_inputs(p)
     p.set_defaults(func=cmd_optimize)
 
-    p = sub.add_parser("verify", help="compare two models' outputs in onnxruntime; bisect on mismatch")
+    p = sub.add_parser("verify", help="compare two models' outputs in onnxruntime (or a compiled artifact "
+                                      "directory's in TVM); bisect on mismatch")
     p.add_argument("original")
     p.add_argument("candidate")
     shapes_and_inputs(p)
@@ -253,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_passes)
 
     add_prune_parser(sub)
+    add_quant_parser(sub)
+    add_tvm_parser(sub)
     return parser
 
 

@@ -102,7 +102,7 @@ def compile_model(
         "format": FORMAT,
         "version": 1,
         "library": LIBRARY,
-        "target": {"kind": target, "tvm": str(tvm_target)},
+        "target": {"kind": target, "tvm": json.loads(str(tvm_target))},
         "inputs": [s.to_dict() for s in inputs],
         "outputs": [s.to_dict() for s in outputs],
         "source_model": {"path": str(source) if source else None, "sha256": sha},
@@ -143,6 +143,9 @@ def _write_artifact(out: Path, executable, manifest: dict[str, Any]) -> None:
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
     try:
         executable.export_library(str(staging / LIBRARY))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
