@@ -2,8 +2,10 @@
 
 Matching walks backwards from the anchor (the pattern's root node) through
 producers. It never changes the IR; a commutative op tries both input orders
-(backtracking through generators). The first constraint that fails is kept, so
-``explain`` can answer "why didn't my rule fire here".
+(backtracking through generators). Of the constraints that failed, the one reached with
+the most pattern nodes already matched is kept (the first of those on a tie), so ``explain``
+answers "why didn't my rule fire here" with the nearest miss, not with the first input order a
+commutative op tried.
 """
 
 from __future__ import annotations
@@ -46,16 +48,17 @@ class Matcher:
         self.outputs = outputs
         self.root = outputs[0].node
         self.failure: str | None = None
+        self._depth: tuple[bool, int, int] | None = None  # how far the match got when ``failure`` happened
 
     def match(self, node: Node) -> Match | None:
-        self.failure = None
+        self.failure, self._depth = None, None
         for state in self._node(self.root, node, _State({}, {})):
             nodes = list(dict.fromkeys(state.nodes.values()))
             problem = _escaping_intermediate(nodes, node) or self._unreplaced_root_output(node)
             if problem is None:
                 outputs = [node.outputs[o.index] for o in self.outputs]
                 return Match(node, nodes, state.bindings, outputs)
-            self._fail(problem)
+            self._fail(problem, state, past_structure=True)
         return None
 
     def _unreplaced_root_output(self, node: Node) -> str | None:
@@ -65,9 +68,12 @@ class Matcher:
                 return f"{node.label()}: output {out.name!r} is used but the pattern does not cover it"
         return None
 
-    def _fail(self, reason: str) -> None:
-        if self.failure is None:
-            self.failure = reason
+    def _fail(self, reason: str, state: _State, past_structure: bool = False) -> None:
+        """Keep ``reason`` if it is the furthest failure so far: most pattern nodes matched, then most
+        variables bound; a whole structural match counts as further than any partial one."""
+        depth = (past_structure, len(state.nodes), len(state.bindings))
+        if self._depth is None or depth > self._depth:
+            self.failure, self._depth = reason, depth
 
     # -- nodes -------------------------------------------------------------------------
     def _node(self, pattern: NodePattern, node: Node, state: _State) -> Iterator[_State]:
@@ -76,11 +82,11 @@ class Matcher:
             if seen is node:
                 yield state
             else:
-                self._fail(f"{pattern.label} must be the same node as {seen.label()}, got {node.label()}")
+                self._fail(f"{pattern.label} must be the same node as {seen.label()}, got {node.label()}", state)
             return
         reason = _check_node(pattern, node)
         if reason:
-            self._fail(reason)
+            self._fail(reason, state)
             return
         state = state.with_node(pattern, node)
         inputs = list(node.inputs) + [None] * (len(pattern.inputs) - len(node.inputs))
@@ -105,7 +111,7 @@ class Matcher:
             if value is None:
                 yield state
             else:
-                self._fail(f"{where}: expected no input, got {value.name!r}")
+                self._fail(f"{where}: expected no input, got {value.name!r}", state)
             return
         if isinstance(pattern, Opt):
             if value is None:
@@ -114,7 +120,7 @@ class Matcher:
                 yield from self._value(pattern.inner, value, user, index, state)
             return
         if value is None:
-            self._fail(f"{where}: the input is missing")
+            self._fail(f"{where}: the input is missing", state)
             return
         if isinstance(pattern, Var):
             yield from self._var(pattern.name, value, where, state)
@@ -124,9 +130,11 @@ class Matcher:
             producer = value.producer
             if producer is None or producer.graph is not user.graph:
                 kind = "a constant" if value.const is not None else "a graph input or outer value"
-                self._fail(f"{where}: expected the output of {pattern.node.label}, got {kind} {value.name!r}")
+                self._fail(f"{where}: expected the output of {pattern.node.label}, got {kind} {value.name!r}",
+                           state)
             elif value.index != pattern.index:
-                self._fail(f"{where}: expected output {pattern.index} of {producer.label()}, got {value.index}")
+                self._fail(f"{where}: expected output {pattern.index} of {producer.label()}, got {value.index}",
+                           state)
             else:
                 yield from self._node(pattern.node, producer, state)
 
@@ -137,14 +145,15 @@ class Matcher:
         elif bound is value:
             yield state
         else:
-            self._fail(f"{where}: {name} is {bound.name!r} elsewhere in the pattern but {value.name!r} here")
+            self._fail(f"{where}: {name} is {bound.name!r} elsewhere in the pattern but {value.name!r} here",
+                       state)
 
     def _const(self, pattern: Const, value: Value, where: str, state: _State) -> Iterator[_State]:
         if value.const is None or value.is_graph_input():
-            self._fail(f"{where}: expected a constant, got {value.name!r} (computed or a graph input)")
+            self._fail(f"{where}: expected a constant, got {value.name!r} (computed or a graph input)", state)
             return
         if pattern.where is not None and not pattern.where(value.const.numpy()):
-            self._fail(f"{where}: constant {value.name!r} fails the pattern's predicate")
+            self._fail(f"{where}: constant {value.name!r} fails the pattern's predicate", state)
             return
         if pattern.name is None:
             yield state

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import GraphoptError
-from ..ir import ArrayTensor, Graph, Model, Node, TensorType, Value
+from ..ir import ArrayTensor, Graph, Model, Node, TensorType, Value, ValueType
 from .matcher import Match, Matcher
 from .pattern import build_pattern
 
@@ -28,11 +28,13 @@ class RuleError(GraphoptError):
 
 @dataclass
 class MatchContext:
-    """What a condition or replacement may look at besides the bindings."""
+    """What a condition or replacement may look at besides the bindings. ``extra``: the bindings a
+    condition computed (it returned a dict), passed to the replacement by name."""
 
     model: Model
     graph: Graph
     match: Match
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def root(self) -> Node:
@@ -43,7 +45,9 @@ class ReplacementBuilder:
     """``op.Gemm(a, b, transB=1)`` creates a node (not yet in the graph) and returns its output(s).
 
     Options: ``_domain``, ``_outputs`` (number of outputs; returns a tuple), ``_version``
-    (opset version to import for a new domain). ``op.const(array)`` makes an initializer.
+    (opset version to import for a new domain), ``_type`` (the output's type: a ValueType, or a Value
+    whose type to copy; a sequence of those for several outputs), so later rules in the same sweep can
+    read shapes without another round of shape inference. ``op.const(array)`` makes an initializer.
     """
 
     def __init__(self, rule: str, graph: Graph) -> None:
@@ -56,7 +60,8 @@ class ReplacementBuilder:
         if op_type.startswith("_"):
             raise AttributeError(op_type)
 
-        def make(*inputs: Value | None, _domain: str = "", _outputs: int = 1, _version: int = 1, **attrs: Any):
+        def make(*inputs: Value | None, _domain: str = "", _outputs: int = 1, _version: int = 1,
+                 _type: Any = None, **attrs: Any):
             for i, value in enumerate(inputs):
                 if value is not None and not isinstance(value, Value):
                     raise RuleError(f"rule {self._rule!r}: input {i} of {op_type} is {value!r}, not a Value "
@@ -65,12 +70,26 @@ class ReplacementBuilder:
             node = Node(op_type, inputs, attrs, outputs=names, domain=_domain,
                         name=self._graph.fresh_name(f"{self._rule}/{op_type}_node"))
             node.metadata[RULE_METADATA_KEY] = self._rule
+            if _type is not None:
+                self._set_types(op_type, node.outputs, _type)
             if _domain not in ("", "ai.onnx"):
                 self.domains[_domain] = _version
             self.nodes.append(node)
             return node.outputs if _outputs > 1 else node.outputs[0]
 
         return make
+
+    def _set_types(self, op_type: str, outputs: list[Value], types: Any) -> None:
+        many = isinstance(types, list | tuple)
+        if many != (len(outputs) > 1) or (many and len(types) != len(outputs)):
+            raise RuleError(f"rule {self._rule!r}: _type of {op_type} must give one type per output "
+                            f"({len(outputs)}), got {types!r}")
+        for out, type_ in zip(outputs, types if many else [types], strict=True):
+            if isinstance(type_, Value):
+                type_ = type_.type
+            if type_ is not None and not isinstance(type_, ValueType):
+                raise RuleError(f"rule {self._rule!r}: _type of {op_type} is {type_!r}, not a type or a Value")
+            out.type = type_
 
     def const(self, array: np.ndarray | float | int, name: str | None = None) -> Value:
         tensor = ArrayTensor(np.asarray(array))
@@ -93,8 +112,9 @@ def _call_with(fn: Callable[..., Any], first: Any, bindings: dict[str, Any]) -> 
 @dataclass
 class Rule:
     """``target(op, *vars)`` builds the pattern; ``condition(ctx, **bindings)`` returns True/None to
-    accept, or False / a reason string to refuse; ``replacement(op, **bindings)`` builds the new
-    nodes and returns the value(s) that replace the pattern's output(s)."""
+    accept, a dict to accept with extra bindings for the replacement (what it computed to decide), or
+    False / a reason string to refuse; ``replacement(op, **bindings)`` builds the new nodes and returns
+    the value(s) that replace the pattern's output(s)."""
 
     name: str
     target: Callable[..., Any]
@@ -120,6 +140,15 @@ class Rule:
             verdict = _call_with(self.condition, ctx, match.bindings)
             if verdict is False or isinstance(verdict, str):
                 return None, f"condition: {verdict if isinstance(verdict, str) else 'returned False'}"
+            if isinstance(verdict, dict):
+                clash = sorted(set(verdict) & (set(match.bindings) | {"ctx"}))
+                if clash:
+                    raise RuleError(f"rule {self.name!r}: the condition's bindings {clash} are already bound "
+                                    "by the pattern")
+                ctx.extra = verdict
+            elif verdict not in (True, None):
+                raise RuleError(f"rule {self.name!r}: the condition returned {verdict!r}; expected True, None, "
+                                "False, a reason string or a dict of extra bindings")
         return ctx, None
 
     def apply(self, ctx: MatchContext) -> None:
@@ -127,7 +156,7 @@ class Rule:
         graph, match = ctx.graph, ctx.match
         builder = ReplacementBuilder(self.name, graph)
         try:
-            result = _call_with(self.replacement, builder, {**match.bindings, "ctx": ctx})
+            result = _call_with(self.replacement, builder, {**match.bindings, **ctx.extra, "ctx": ctx})
             new_values = list(result) if isinstance(result, tuple | list) else [result]
             self._check(builder, new_values, match)
         except BaseException:

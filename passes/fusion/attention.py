@@ -148,7 +148,9 @@ def _attention_condition(ctx: MatchContext, q: Value, k: Value, v: Value, **b):
     if b.get("cond") is not None and not (fill is not None and fill <= FILL_MIN):
         return f"the Where fill {fill} is not <= {FILL_MIN}: a fully masked row would differ"
     mask = b.get("mask_value") if b.get("mask_value") is not None else b.get("cond")
-    return _softmax_last_axis(ctx, b["softmax"]) or _mask_problem(mask, split["q"].num_heads) or True
+    # what the replacement needs is what was computed to decide: passed on as extra bindings
+    return _softmax_last_axis(ctx, b["softmax"]) or _mask_problem(mask, split["q"].num_heads) or {
+        "heads": split["q"], "softmax_scale": scale}
 
 
 # ------------------------------------------------------------------------------------------ replacement
@@ -166,9 +168,9 @@ def attention_bias(op, mask: Value, q: Value, k: Value, opset: int) -> Value:
     rank = len(mask.shape)
     if rank < 4:
         axes = list(range(4 - rank))
-        unsqueezed = op.Unsqueeze(mask, op.const(np.array(axes))) if opset >= 13 else op.Unsqueeze(mask, axes=axes)
-        unsqueezed.type = TensorType(mask.elem_type, (1,) * (4 - rank) + tuple(mask.shape))
-        mask = unsqueezed
+        type_ = TensorType(mask.elem_type, (1,) * (4 - rank) + tuple(mask.shape))
+        mask = (op.Unsqueeze(mask, op.const(np.array(axes)), _type=type_) if opset >= 13
+                else op.Unsqueeze(mask, axes=axes, _type=type_))
     if same_dim(mask, 2, q, 1) and same_dim(mask, 3, k, 1):
         return mask
     # S and T read from where q and k got those dims (x, not x @ Wq + bq), so that mha-bias can still
@@ -179,23 +181,21 @@ def attention_bias(op, mask: Value, q: Value, k: Value, opset: int) -> Value:
     return op.Expand(mask, target)
 
 
-def _attention_replacement(op, q: Value, k: Value, v: Value, ctx: MatchContext, **b) -> Value:
-    heads = split_heads(b["reshape_q"], q)
+def _attention_replacement(op, q: Value, k: Value, v: Value, ctx: MatchContext, heads, softmax_scale: float,
+                           **b) -> Value:
     opset = ctx.model.opset() or 13
     inputs = [q, k, v]
     mask = b.get("mask_value")
     if b.get("cond") is not None:
-        mask = op.Where(b["cond"], op.const(np.float32(0)), b["fill"])
-        mask.type = TensorType(1, b["cond"].shape)
+        mask = op.Where(b["cond"], op.const(np.float32(0)), b["fill"], _type=TensorType(1, b["cond"].shape))
     if mask is not None:
         inputs += [None, None, attention_bias(op, mask, q, k, opset)]
-    out = op.MultiHeadAttention(*inputs, _domain=MS, num_heads=heads.num_heads, scale=_scale(b))
-    out.type = TensorType(1, (*q.shape[:2], heads.num_heads * heads.head_size))
+    out = op.MultiHeadAttention(*inputs, _domain=MS, num_heads=heads.num_heads, scale=softmax_scale,
+                                _type=TensorType(1, (*q.shape[:2], heads.num_heads * heads.head_size)))
     # [B, S, heads * head_size] -> [B, S, heads, head_size], what the matched Transpose gave; the
     # exporter's own Reshape to [B, S, D] follows (eliminate-noops merges the two; both are free in ORT).
-    result = op.Reshape(out, op.const(np.array([0, 0, heads.num_heads, heads.head_size], np.int64)))
-    result.type = ctx.root.outputs[0].type
-    return result
+    return op.Reshape(out, op.const(np.array([0, 0, heads.num_heads, heads.head_size], np.int64)),
+                      _type=ctx.root.outputs[0])
 
 
 def _rule_name(scale: str, mask: str) -> str:
@@ -229,9 +229,8 @@ def _mha_bias_condition(ctx: MatchContext, xq: Value, xk: Value, xv: Value, bq: 
 def _mha_bias(op, xq, xk, xv, bq, bk, bv, mask, mha: Node, ctx: MatchContext) -> Value:
     bias = op.const(np.concatenate([b.const.numpy().reshape(-1) for b in (bq, bk, bv)]).astype(np.float32))
     inputs = [xq, xk, xv, bias] + ([None, mask] if mask is not None else [])
-    out = op.MultiHeadAttention(*inputs, _domain=MS, **{name: mha.attr(name) for name in mha.attrs})
-    out.type = mha.outputs[0].type
-    return out
+    return op.MultiHeadAttention(*inputs, _domain=MS, _type=mha.outputs[0],
+                                 **{name: mha.attr(name) for name in mha.attrs})
 
 
 MHA_BIAS = Rule("mha-bias", _mha_bias_target, _mha_bias, _mha_bias_condition)
@@ -271,9 +270,7 @@ def _pack(op, x, wq, wk, wv, bias, mask, mha: Node) -> Value:
     b = bias.const.numpy() if bias is not None else np.zeros(weights.shape[1], np.float32)
     inputs = [x, op.const(weights), op.const(b)] + ([None, None, mask] if mask is not None else [])
     attrs = {"num_heads": mha.attr("num_heads"), "scale": mha.attr("scale")}
-    out = op.Attention(*inputs, _domain=MS, **attrs)
-    out.type = mha.outputs[0].type
-    return out
+    return op.Attention(*inputs, _domain=MS, _type=mha.outputs[0], **attrs)
 
 
 def _pack_gemm_target(op, x, flat, unflat, mask):
@@ -319,9 +316,8 @@ def _pack_gemm(op, x: Value, w: Value, bias: Value | None, mask: Value | None, g
         b = np.broadcast_to(b, (weights.shape[1],))
     inputs = [x, op.const(np.ascontiguousarray(weights)), op.const(np.ascontiguousarray(b, np.float32))]
     inputs += [None, None, mask] if mask is not None else []
-    out = op.Attention(*inputs, _domain=MS, num_heads=mha.attr("num_heads"), scale=mha.attr("scale"))
-    out.type = mha.outputs[0].type
-    return out
+    return op.Attention(*inputs, _domain=MS, num_heads=mha.attr("num_heads"), scale=mha.attr("scale"),
+                        _type=mha.outputs[0])
 
 
 @register_pass

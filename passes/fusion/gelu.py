@@ -38,7 +38,7 @@ from graphopt.ir import Node, Value
 from graphopt.pipeline import register_pass
 from graphopt.rewrite import MatchContext, Rule, RuleSet
 
-from .norm import ShapeAwareRewritePass, last_dim, scalar, typed
+from .norm import ShapeAwareRewritePass, last_dim, scalar
 
 MS = "com.microsoft"
 SQRT2 = math.sqrt(2.0)
@@ -90,7 +90,7 @@ def _erf_gelu_condition(ctx: MatchContext, x: Value, s: Value, one: Value, half:
 
 
 def _erf_gelu(op, x: Value, ctx: MatchContext) -> Value:
-    return typed(op.Gelu(x, _domain=MS), ctx.root.outputs[0])
+    return op.Gelu(x, _domain=MS, _type=ctx.root.outputs[0])
 
 
 # ------------------------------------------------------------------------------------------ tanh GELU
@@ -121,7 +121,7 @@ def _tanh_gelu_condition(ctx: MatchContext, x: Value, c: Value, k: Value, one: V
 
 
 def _tanh_gelu(op, x: Value, ctx: MatchContext) -> Value:
-    return typed(op.FastGelu(x, _domain=MS), ctx.root.outputs[0])
+    return op.FastGelu(x, _domain=MS, _type=ctx.root.outputs[0])
 
 
 # ------------------------------------------------------------------------------------------ bias
@@ -157,8 +157,7 @@ def _bias_condition(ctx: MatchContext, x: Value, b: Value, act: Node):
 def _bias_replacement(op, x: Value, b: Value, act: Node, ctx: MatchContext) -> Value:
     bias = op.const(np.ascontiguousarray(b.const.numpy().reshape(-1)))
     tanh = act.op_type == "FastGelu" or act.attr("approximate", "none") == "tanh"
-    out = op.FastGelu(x, bias, _domain=MS) if tanh else op.BiasGelu(x, bias, _domain=MS)
-    return typed(out, ctx.root.outputs[0])
+    return (op.FastGelu if tanh else op.BiasGelu)(x, bias, _domain=MS, _type=ctx.root.outputs[0])
 
 
 GELU_RULES = RuleSet(
@@ -192,7 +191,7 @@ def _silu_condition(ctx: MatchContext, x: Value):
 
 SILU_RULES = RuleSet([
     Rule("silu", lambda op, x: op.Mul(x, op.Sigmoid(x), _commute=True),
-         lambda op, x, ctx: typed(op.QuickGelu(x, _domain=MS, alpha=1.0), ctx.root.outputs[0]), _silu_condition),
+         lambda op, x, ctx: op.QuickGelu(x, _domain=MS, alpha=1.0, _type=ctx.root.outputs[0]), _silu_condition),
 ])
 
 

@@ -39,10 +39,9 @@ import numpy as np
 
 from graphopt.ir import Model, Node, Value
 from graphopt.ir.tensor import numpy_dtype
-from graphopt.passes.simplify.infer import model_fingerprint
 from graphopt.pipeline import PassContext, PassResult, register_pass
 from graphopt.rewrite import MatchContext, RewritePass, Rule, RuleSet
-from graphopt.shapes import infer_shapes
+from graphopt.shapes import ensure_shapes
 
 FLOAT_TYPES = frozenset({1, 10, 11})  # float32, float16, float64: what LayerNormalization runs on in ORT's CPU EP
 RMS_OPS = frozenset({"RMSNormalization", "SimplifiedLayerNormalization"})
@@ -54,19 +53,13 @@ NORM_OPS = RMS_OPS | {"LayerNormalization"}
 
 class ShapeAwareRewritePass(RewritePass):
     """A rewrite pass whose conditions read value types (ranks, the last dim, the element type):
-    shapes are inferred first (onnx's inference fills only what is missing, so it is cheap to repeat)."""
-
-    _seen: tuple | None = None
+    shapes are inferred first, unless no value became inferable since the model's last inference."""
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        # Inference exports the whole model (seconds at 200k nodes); skip it when the model is the one
-        # this pass last inferred (the pass manager calls every pass once per fixed-point iteration).
         roots = frozenset().union(*(rule.root_ops for rule in self.rules))
-        if model_fingerprint(model) != self._seen and any(node.op_type in roots for node in model.nodes()):
-            infer_shapes(model)
-        result = super().run(model, ctx)
-        self._seen = model_fingerprint(model)
-        return result
+        if any(node.op_type in roots for node in model.nodes()):
+            ensure_shapes(model)
+        return super().run(model, ctx)
 
 
 def scalar(value: Value | None) -> float | None:
@@ -118,12 +111,6 @@ def check_input(ctx: MatchContext, x: Value, square: Node, *, opset: int = 0) ->
     if (ctx.model.opset() or 0) < opset:
         return f"the model imports opset {ctx.model.opset()}, the fused op needs {opset}"
     return None
-
-
-def typed(new: Value, like: Value) -> Value:
-    """Give a replacement value the type of the value it replaces (later rules read shapes)."""
-    new.type = like.type
-    return new
 
 
 def epsilon(eps: Value) -> str | float:
@@ -195,8 +182,7 @@ def _layer_norm_condition(ctx: MatchContext, x: Value, eps: Value, mean: Node, v
 
 def _layer_norm_replacement(op, x: Value, eps: Value, ctx: MatchContext) -> Value:
     ones = np.ones(last_dim(x), numpy_dtype(x.elem_type))
-    out = op.LayerNormalization(x, op.const(ones), axis=-1, epsilon=scalar(eps))
-    return typed(out, ctx.root.outputs[0])
+    return op.LayerNormalization(x, op.const(ones), axis=-1, epsilon=scalar(eps), _type=ctx.root.outputs[0])
 
 
 def _fold_scale_target(ops: frozenset[str]):
@@ -223,8 +209,8 @@ def _fold_scale(op, x: Value, s: Value, b: Value | None, g: Value, norm: Node, c
     inputs = [x, op.const(per_channel(s, d, dtype) * gamma)]
     if b is not None:
         inputs.append(op.const(per_channel(b, d, dtype) * gamma))
-    out = getattr(op, norm.op_type)(*inputs, _domain=norm.domain, **{k: norm.attr(k) for k in norm.attrs})
-    return typed(out, ctx.root.outputs[0])
+    return getattr(op, norm.op_type)(*inputs, _domain=norm.domain, _type=ctx.root.outputs[0],
+                                     **{k: norm.attr(k) for k in norm.attrs})
 
 
 def _fold_bias_target(op, x):
@@ -236,8 +222,8 @@ def _fold_bias(op, x: Value, s: Value, b: Value | None, c: Value, norm: Node, ct
     """LayerNormalization(x) + c: c joins the bias."""
     d, dtype = last_dim(x), numpy_dtype(x.elem_type)
     bias = per_channel(c, d, dtype) + (per_channel(b, d, dtype) if b is not None else 0)
-    out = op.LayerNormalization(x, s, op.const(bias.astype(dtype)), **{k: norm.attr(k) for k in norm.attrs})
-    return typed(out, ctx.root.outputs[0])
+    return op.LayerNormalization(x, s, op.const(bias.astype(dtype)), _type=ctx.root.outputs[0],
+                                 **{k: norm.attr(k) for k in norm.attrs})
 
 
 def _residual_condition(ctx: MatchContext, a: Value, b: Value):
@@ -249,7 +235,7 @@ def _residual_condition(ctx: MatchContext, a: Value, b: Value):
 
 
 def _residual_sum(op, a: Value, b: Value, ctx: MatchContext) -> Value:
-    return typed(op.Sum(a, b), ctx.root.outputs[0])
+    return op.Sum(a, b, _type=ctx.root.outputs[0])
 
 
 # Residual Add -> Sum (2 inputs: the same broadcasting sum) where it feeds a LayerNorm or RMSNorm, so that
@@ -297,11 +283,9 @@ def _rms_norm_condition(ctx: MatchContext, x: Value, eps: Value, mean: Node, squ
 
 def _rms_norm_replacement(op, x: Value, eps: Value, ctx: MatchContext) -> Value:
     ones = op.const(np.ones(last_dim(x), numpy_dtype(x.elem_type)))
-    if (ctx.model.opset() or 0) >= 23:
-        out = op.RMSNormalization(x, ones, axis=-1, epsilon=scalar(eps))
-    else:  # onnxruntime's contrib op, registered in the default domain at every opset
-        out = op.SimplifiedLayerNormalization(x, ones, axis=-1, epsilon=scalar(eps))
-    return typed(out, ctx.root.outputs[0])
+    # below opset 23: onnxruntime's contrib op, registered in the default domain at every opset
+    fused = op.RMSNormalization if (ctx.model.opset() or 0) >= 23 else op.SimplifiedLayerNormalization
+    return fused(x, ones, axis=-1, epsilon=scalar(eps), _type=ctx.root.outputs[0])
 
 
 RMS_NORM_RULES = RuleSet([

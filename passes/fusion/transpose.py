@@ -70,11 +70,10 @@ def _transposed(op, value: Value, t: Node, like: Node, source: Value) -> Value:
                      else int(like.attr("to")) if like.op_type == "Cast" else source.elem_type)
         value.type = TensorType(elem_type, source.shape)
     perm = _perm(t)
-    result = op.Transpose(value, perm=perm)
-    result.type = like.outputs[0].type
-    if result.type is None and value.shape is not None:
-        result.type = TensorType(value.elem_type, tuple(value.shape[p] for p in perm))
-    return result
+    type_ = like.outputs[0].type
+    if type_ is None and value.shape is not None:
+        type_ = TensorType(value.elem_type, tuple(value.shape[p] for p in perm))
+    return op.Transpose(value, perm=perm, _type=type_)
 
 
 # -- unary -----------------------------------------------------------------------------------------------------------
