@@ -27,7 +27,7 @@ from .plan import Plan, make_plan
 from .qdq import Inserted, insert_static, insert_weight_only
 from .qparams import qrange, sqnr_db
 from .ranges import clip_range
-from .report import LATENCY, SENSITIVITY, UNSUPPORTED, FloatNode, LayerError, QuantReport
+from .report import EXCLUDED, LATENCY, SENSITIVITY, UNSUPPORTED, FloatNode, LayerError, QuantReport
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ def _name_nodes(model: Model) -> None:
         seen.add(node.name)
 
 
-def _kinds(config: QuantConfig) -> set[str]:
+def _kinds(config: QuantConfig) -> tuple[set[str], set[str], str]:
+    """(kinds the mode can quantize, kinds to quantize, why the others are not: LATENCY or EXCLUDED)."""
     if config.mode == "dynamic":
         allowed = {"MatMul", "Gemm"}
     elif config.mode == "weight_only":
@@ -108,19 +109,23 @@ def _kinds(config: QuantConfig) -> set[str]:
     else:
         allowed = set(STATIC_KINDS)
     if config.op_types is not None:
-        unknown = set(config.op_types) - {k.replace("1x1", "").replace("Depthwise", "") for k in allowed}
+        def op_type(kind: str) -> str:
+            return kind.replace("1x1", "").replace("Depthwise", "")
+
+        unknown = set(config.op_types) - {op_type(k) for k in allowed}
         if unknown:
             raise GraphoptError(f"cannot quantize op types {sorted(unknown)} in {config.mode} mode",
-                                hint=f"supported: {', '.join(sorted(allowed))}")
-        return {k for k in allowed if k.replace("1x1", "").replace("Depthwise", "") in config.op_types}
+                                hint=f"supported: {', '.join(sorted({op_type(k) for k in allowed}))}")
+        return allowed, {k for k in allowed if op_type(k) in config.op_types}, EXCLUDED
     if config.mode == "static" and config.latency_aware:
-        return allowed & paying_kinds()
-    return allowed
+        return allowed, allowed & paying_kinds(), LATENCY
+    return allowed, allowed, LATENCY
 
 
 def _plan_and_ranges(model: Model, fp32: bytes, samples, config: QuantConfig, report: QuantReport
                      ) -> tuple[Plan, dict[str, tuple[float, float]]]:
-    plan = make_plan(model, _kinds(config), set(config.nodes_to_exclude), weights_only=config.mode != "static")
+    allowed, kinds, why_not = _kinds(config)
+    plan = make_plan(model, kinds, set(config.nodes_to_exclude), config.mode == "weight_only", allowed, why_not)
     if config.mode != "static" or not plan.candidates:
         return plan, {}
     proto = to_proto(model)

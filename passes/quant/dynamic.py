@@ -23,6 +23,7 @@ def insert_dynamic(model: Model, selected: set[str], config: QuantConfig) -> Ins
     report = Inserted()
     graph = model.graph
     build = _Builder(graph, config)
+    shared: dict[tuple[str, int | None], tuple] = {}  # weights used by several MatMuls are quantized once
     for name, cand in make_plan(model, {"MatMul", "Gemm"}, set()).candidates.items():
         if name not in selected:
             continue
@@ -39,9 +40,11 @@ def insert_dynamic(model: Model, selected: set[str], config: QuantConfig) -> Ins
             weight = graph.add_initializer(ArrayTensor(np.ascontiguousarray(weight.const.numpy().T),
                                                        graph.fresh_name(f"{weight.name}_t")))
         axis = 1 if config.per_channel else None
-        dq, qp = build.weight(weight, axis, cand, report)
-        q_weight = dq.producer.inputs[0]  # the int8 initializer behind the DequantizeLinear
-        scale, zero_point = dq.producer.inputs[1], dq.producer.inputs[2]
+        if (weight.name, axis) not in shared:
+            q_weight, qp = build.int8_weight(weight, axis, cand, report)
+            shared[weight.name, axis] = (q_weight, build.const(qp.scale, f"{weight.name}_scale"),
+                                         build.const(qp.zero_point, f"{weight.name}_zero_point"))
+        q_weight, scale, zero_point = shared[weight.name, axis]
         new = Node("DynamicQuantizeMatMul", [node.inputs[0], q_weight, scale, zero_point, bias], domain=MS_DOMAIN,
                    outputs=[graph.fresh_name(f"{node.name}_dyn")], name=graph.fresh_name(f"{node.name}_int8"))
         graph.append(new)

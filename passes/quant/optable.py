@@ -52,6 +52,17 @@ def paying_kinds(table: dict | None = None) -> set[str]:
     return {k for k, v in table.items() if isinstance(v, dict) and v.get("pays")}
 
 
+@functools.cache
+def saturating_u8s8() -> bool:
+    """True on x86 CPUs without VNNI: their U8S8 int8 GEMM sums u8 x s8 pairs in saturating int16."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx2" in flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+
+
 def speedup(kind: str, table: dict | None = None) -> float | None:
     entry = (load_table() if table is None else table).get(kind)
     return entry.get("speedup") if isinstance(entry, dict) else None

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from graphopt.ir import Model, Node, Value
 
-from .optable import WEIGHT_KINDS, op_kind
+from .optable import WEIGHT_KINDS, op_kind, speedup
 from .report import EXCLUDED, LATENCY, UNSUPPORTED, FloatNode
 
 # Ops whose output is a relabelling of the input's elements: the output shares the input's scale, so
@@ -49,18 +49,25 @@ def is_const(value: Value | None) -> bool:
     return value is not None and value.const is not None
 
 
-def make_plan(model: Model, kinds: set[str], exclude: set[str], weights_only: bool = False) -> Plan:
-    """Candidates among the main graph's nodes whose kind is in ``kinds`` (subgraphs stay float)."""
+def make_plan(model: Model, kinds: set[str], exclude: set[str] = frozenset(), weights_only: bool = False,
+              allowed: set[str] | None = None, why_not: str = "") -> Plan:
+    """Candidates among the main graph's nodes whose kind is in ``kinds`` (subgraphs stay float).
+
+    Nodes of a kind in ``allowed`` but not in ``kinds`` are reported as kept float for ``why_not``.
+    """
     plan = Plan()
     for node in model.graph:
         kind = op_kind(node)
-        if kind is None:
+        if kind is None or (allowed is not None and kind not in allowed):
             continue
         if node.name in exclude:
             plan.kept_float.append(FloatNode(node.name, node.op_type, EXCLUDED, "nodes_to_exclude"))
             continue
         if kind not in kinds:
-            plan.kept_float.append(FloatNode(node.name, node.op_type, LATENCY, f"int8 {kind} does not pay here"))
+            speed = speedup(kind)
+            detail = f"int8 {kind} ran {speed:.2f}x fp32 here (int8_ops.json)" if speed else f"{kind} not chosen"
+            plan.kept_float.append(FloatNode(node.name, node.op_type, LATENCY if why_not == LATENCY else EXCLUDED,
+                                             detail if why_not == LATENCY else "not in op_types"))
             continue
         cand, why = _candidate(node, kind, weights_only)
         if cand is None:

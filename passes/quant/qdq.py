@@ -28,7 +28,7 @@ from graphopt.ir import Graph, Model, Node, Value
 from graphopt.ir.tensor import ArrayTensor
 
 from .config import QuantConfig
-from .optable import STATIC_KINDS
+from .optable import STATIC_KINDS, saturating_u8s8
 from .plan import ABSORBABLE, SHARE_SCALE, Candidate, is_const, make_plan
 from .qparams import QParams, activation_qparams, qrange, quantize_bias, quantize_weight, sqnr_db
 from .report import LayerError
@@ -43,7 +43,7 @@ class Inserted:
     quantized: list[str] = field(default_factory=list)  # node names
     weights: list[LayerError] = field(default_factory=list)
     activations: dict[str, tuple[str, Candidate, QParams]] = field(default_factory=dict)  # fp32 name -> (DQ, ..)
-    absorbed: list[str] = field(default_factory=list)  # removed Relu/Clip nodes
+    absorbed: dict[str, str] = field(default_factory=dict)  # quantized node -> fp32 output of its removed Relu
     notes: list[str] = field(default_factory=list)
 
 
@@ -53,6 +53,9 @@ class _Builder:
     def __init__(self, graph: Graph, config: QuantConfig) -> None:
         self.graph, self.config = graph, config
         self.weights: dict[tuple[str, int | None], tuple[Value, QParams]] = {}
+        # float compute (weight-only) never saturates; int8 kernels may (see QuantConfig.reduce_range)
+        auto = saturating_u8s8() and config.mode != "weight_only"
+        self.reduce_range = auto if config.reduce_range is None else config.reduce_range
 
     def const(self, array: np.ndarray, hint: str) -> Value:
         name = self.graph.fresh_name(hint)
@@ -78,13 +81,18 @@ class _Builder:
         """The DequantizeLinear of an int8 copy of ``value``; one per initializer and axis (shared weights)."""
         key = (value.name, axis)
         if key not in self.weights:
-            w = value.const.numpy()
-            q, qp = quantize_weight(w, axis, self.config.reduce_range)
-            scale = qp.scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)]) if axis is not None else qp.scale
-            report.weights.append(LayerError(value.name, cand.node.name, cand.node.op_type, "weight",
-                                             sqnr_db(w, q.astype(np.float32) * scale), float(qp.scale.max()), "int8"))
-            self.weights[key] = (self.dequantize(self.const(q, f"{value.name}_quantized"), qp, value.name), qp)
+            q, qp = self.int8_weight(value, axis, cand, report)
+            self.weights[key] = (self.dequantize(q, qp, value.name), qp)
         return self.weights[key]
+
+    def int8_weight(self, value: Value, axis: int | None, cand: Candidate, report: Inserted) -> tuple[Value, QParams]:
+        """The int8 initializer holding ``value`` quantized (its SQNR goes into the report)."""
+        w = value.const.numpy()
+        q, qp = quantize_weight(w, axis, self.reduce_range)
+        scale = qp.scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)]) if axis is not None else qp.scale
+        report.weights.append(LayerError(value.name, cand.node.name, cand.node.op_type, "weight",
+                                         sqnr_db(w, q.astype(np.float32) * scale), float(qp.scale.max()), "int8"))
+        return self.const(q, f"{value.name}_quantized"), qp
 
 
 def insert_weight_only(model: Model, selected: set[str], config: QuantConfig) -> Inserted:
@@ -136,8 +144,9 @@ def insert_static(model: Model, selected: set[str], ranges: Mapping[str, Range],
                 continue  # the QuantizeLinear itself
             if int8_producer or node.name in quantized_consumer:
                 node.set_input(index, dq)
+        producer = value.producer.name if value.producer is not None else ""
         reader = next((c for c in cands.values() if any(c.node.inputs[i] is dq for i in c.activations)), None)
-        report.activations[name] = (dq.name, reader or cands.get(value.producer.name if value.producer else ""), qp)
+        report.activations[report.absorbed.get(producer, name)] = (dq.name, reader or cands.get(producer), qp)
     for cand in cands.values():
         node = cand.node
         dq_w, w_qp = build.weight(node.inputs[cand.weight], _axis(cand, config), cand, report) \
@@ -165,11 +174,14 @@ def _fp32_name(value: Value) -> str:
 
 
 def _absorb_activations(graph: Graph, cands: Mapping[str, Candidate], ranges: Mapping[str, Range],
-                        act_dtype: np.dtype, config: QuantConfig, params: dict[str, QParams]) -> list[str]:
-    """Remove Relu/Clip(0, max) after quantized nodes; their output range becomes the node's Q range."""
+                        act_dtype: np.dtype, config: QuantConfig, params: dict[str, QParams]) -> dict[str, str]:
+    """Remove Relu/Clip(0, max) after quantized nodes; their output range becomes the node's Q range.
+
+    Returns {quantized node: the removed activation's output name} (the fp32 tensor its Q now stands for).
+    """
     if config.symmetric:
-        return []  # the zero point sits mid-range: the Q cannot clamp at 0
-    absorbed = []
+        return {}  # the zero point sits mid-range: the Q cannot clamp at 0
+    absorbed = {}
     for cand in cands.values():
         out = cand.node.outputs[0]
         users = out.users()
@@ -186,7 +198,7 @@ def _absorb_activations(graph: Graph, cands: Mapping[str, Candidate], ranges: Ma
         params[out.name] = qp
         act_out.replace_all_uses_with(out)
         graph.erase(act)
-        absorbed.append(act.name)
+        absorbed[cand.node.name] = act_out.name
     return absorbed
 
 

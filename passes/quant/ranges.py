@@ -75,16 +75,30 @@ def _candidates(h: Histogram, count: int = 64) -> list[tuple[float, float]]:
 
 
 def _mse(h: Histogram, levels: int) -> tuple[float, float]:
-    """The range minimizing E[(x - dequant(quant(x)))^2] under the histogram (rounding + clipping error)."""
+    """The range minimizing E[(x - dequant(quant(x)))^2] under the histogram (clipping + rounding error).
+
+    The two ends are searched one at a time (two rounds of coordinate descent), each over 128 shrink
+    factors at once: an outlier on one side must not shrink the other side's range.
+    """
     x, p = h.centers(), h.counts.astype(np.float64)
-    best, best_err = None, np.inf
-    for lo, hi in _candidates(h):
-        step = (hi - lo) / (levels - 1)
-        q = np.clip(np.round((x - lo) / step), 0, levels - 1) * step + lo
-        err = float(np.dot(p, (x - q) ** 2)) + float(p.sum()) * step * step / 12  # + in-bin rounding noise
-        if err < best_err:
-            best, best_err = (lo, hi), err
-    return best
+    lo, hi = min(h.lo, 0.0), max(h.hi, 0.0)
+    shrink = np.geomspace(1.0, 0.01, 128)
+    for _ in range(2):
+        for side in ("hi", "lo"):
+            if (hi if side == "hi" else -lo) <= 0:
+                continue
+            los = np.full_like(shrink, lo) if side == "hi" else lo * shrink
+            his = hi * shrink if side == "hi" else np.full_like(shrink, hi)
+            best = int(np.argmin(_mse_of(x, p, los, his, levels)))
+            lo, hi = float(los[best]), float(his[best])
+    return lo, hi
+
+
+def _mse_of(x: np.ndarray, p: np.ndarray, los: np.ndarray, his: np.ndarray, levels: int) -> np.ndarray:
+    """Expected squared error of quantizing the histogram with each (lo, hi) pair."""
+    step = ((his - los) / (levels - 1))[:, None]
+    q = np.clip(np.round((x[None, :] - los[:, None]) / step), 0, levels - 1) * step + los[:, None]
+    return ((x[None, :] - q) ** 2) @ p + p.sum() * step[:, 0] ** 2 / 12
 
 
 def _entropy(h: Histogram, levels: int) -> tuple[float, float]:

@@ -1,0 +1,183 @@
+"""Quantization pieces on hand-built graphs: weight sharing, per-channel axes, int32 bias, Relu absorption,
+calibration ranges, bad calibration data, and the budget search."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import graphopt
+from graphopt.passes.quant import CalibrationError, QuantConfig, quantize
+from graphopt.passes.quant.budget import fit_budget
+from graphopt.passes.quant.evaluate import output_errors, run_outputs
+from graphopt.passes.quant.qparams import activation_qparams, fake_quant, quantize_weight
+from graphopt.passes.quant.ranges import Histogram, clip_range
+
+RNG = np.random.default_rng(0)
+EXACT = dict(latency_aware=False, fuse=False, op_types=["Conv", "Gemm", "MatMul", "Add"])
+
+
+def make_model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def tensor(name, shape):
+    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+
+
+def samples(shape, n=16, name="x"):
+    return [{name: RNG.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+
+
+def initializers(model: graphopt.Model) -> dict[str, np.ndarray]:
+    return {name: v.const.numpy() for name, v in model.graph.initializers.items()}
+
+
+def nodes(model: graphopt.Model, op: str) -> list:
+    return [n for n in model.graph if n.op_type == op]
+
+
+def shared_weight_model() -> onnx.ModelProto:
+    w = (RNG.standard_normal((32, 32)) / 6).astype(np.float32)
+    return make_model([helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"),
+                       helper.make_node("Relu", ["a"], ["r"], name="relu"),
+                       helper.make_node("MatMul", ["r", "w"], ["y"], name="mm2")],
+                      [tensor("x", [4, 32])], [tensor("y", [4, 32])], {"w": w})
+
+
+def test_shared_initializer_is_quantized_once_and_matches_fp32():
+    proto = shared_weight_model()
+    calib = samples((4, 32))
+    model, report = quantize(proto, calib, QuantConfig(**EXACT))
+    int8 = [k for k, v in initializers(model).items() if v.dtype == np.int8 and v.shape == (32, 32)]
+    assert len(int8) == 1, int8  # one int8 copy of "w", read by both MatMuls through one DequantizeLinear
+    assert "w" not in initializers(model)  # the float copy is gone
+    assert report.quantized_nodes == 2
+    errors = output_errors(run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib))
+    assert errors["cosine"] > 0.999, errors
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_per_channel_axis_follows_trans_b(trans_b):
+    w = RNG.standard_normal((8, 16) if trans_b else (16, 8)).astype(np.float32)
+    scale_per_out = np.geomspace(0.01, 10, 8).astype(np.float32)  # very different channel ranges
+    w = w * (scale_per_out[:, None] if trans_b else scale_per_out[None, :])
+    b = RNG.standard_normal(8).astype(np.float32)
+    proto = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=trans_b, name="gemm")],
+                       [tensor("x", [2, 16])], [tensor("y", [2, 8])], {"w": w, "b": b})
+    calib = samples((2, 16))
+    model, _ = quantize(proto, calib, QuantConfig(**EXACT))
+    dq_w = next(n for n in nodes(model, "DequantizeLinear")
+                if n.inputs[0].const is not None and n.inputs[0].const.numpy().dtype == np.int8)
+    assert dq_w.attr("axis") == (0 if trans_b else 1)
+    assert dq_w.inputs[1].const.numpy().shape == (8,)
+    got = run_outputs(graphopt.to_bytes(model), calib)
+    ref = run_outputs(proto.SerializeToString(), calib)
+    assert output_errors(ref, got)["sqnr_db"] > 30  # a per-tensor scale would drown the small channels
+
+
+def test_conv_bias_is_int32_with_input_times_weight_scale():
+    w = (RNG.standard_normal((8, 3, 3, 3)) / 5).astype(np.float32)
+    b = RNG.standard_normal(8).astype(np.float32)
+    proto = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+                        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+                        helper.make_node("GlobalAveragePool", ["r"], ["y"], name="pool")],
+                       [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 8, 1, 1])], {"w": w, "b": b})
+    calib = samples((1, 3, 8, 8))
+    model, report = quantize(proto, calib, QuantConfig(**EXACT))
+    conv = nodes(model, "Conv")[0]
+    x_dq, w_dq, b_dq = (v.producer for v in conv.inputs)
+    assert b_dq.op_type == "DequantizeLinear" and b_dq.inputs[0].const.numpy().dtype == np.int32
+    expected = x_dq.inputs[1].const.numpy() * w_dq.inputs[1].const.numpy()
+    np.testing.assert_allclose(b_dq.inputs[1].const.numpy(), expected, rtol=1e-6)
+    assert not np.any(b_dq.inputs[2].const.numpy())  # zero point 0
+    # The Relu is gone: the conv's QuantizeLinear (zero point 0) clamps instead.
+    assert not nodes(model, "Relu") and [o.name for o in model.graph.outputs] == ["y"]
+    assert {row.tensor for row in report.layers if row.kind == "activation"} == {"x", "r"}  # SQNR vs the Relu out
+    got = run_outputs(graphopt.to_bytes(model), calib)
+    assert output_errors(run_outputs(proto.SerializeToString(), calib), got)["cosine"] > 0.999
+    assert all(float(np.min(o["y"])) >= 0 for o in got)
+
+
+def test_weight_quantization_per_channel_and_reduce_range():
+    w = RNG.standard_normal((4, 10)).astype(np.float32) * np.array([[1e-3], [1], [10], [0]], np.float32)
+    q, qp = quantize_weight(w, 0)
+    assert q.dtype == np.int8 and qp.scale.shape == (4,) and np.all(qp.scale > 0)  # zero channel: scale > 0
+    np.testing.assert_array_equal(np.abs(q).max(axis=1)[:3], [127, 127, 127])
+    q7, _ = quantize_weight(w, 0, reduce_range=True)
+    assert np.abs(q7).max() == 63
+
+
+def test_activation_params_and_fake_quant():
+    qp = activation_qparams(0.0, 6.0, np.dtype(np.uint8), symmetric=False)
+    assert int(qp.zero_point) == 0 and qp.scale == pytest.approx(6 / 255)
+    x = np.linspace(-1, 7, 50).astype(np.float32)
+    y = fake_quant(x, qp)
+    assert y.min() == 0 and y.max() == pytest.approx(6.0)  # clamps like Relu6
+    sym = activation_qparams(-2.0, 1.0, np.dtype(np.int8), symmetric=True)
+    assert int(sym.zero_point) == 0 and sym.scale == pytest.approx(2 / 127.5)
+
+
+def histogram(values: np.ndarray) -> Histogram:
+    h = Histogram()
+    h.observe_range(values)
+    h.start_histogram()
+    h.observe_histogram(values)
+    return h
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_clipping_methods_cut_rare_outliers(method):
+    values = np.concatenate([RNG.standard_normal(200_000), [80.0, -60.0]]).astype(np.float32)
+    lo, hi = clip_range(histogram(values), method, 256, percentile=99.99)
+    assert -60 < lo < -2 and 2 < hi < 80, (lo, hi)
+    assert clip_range(histogram(values), "minmax", 256) == (pytest.approx(-60), pytest.approx(80))
+
+
+def test_mse_range_is_best_on_its_own_criterion():
+    values = RNG.laplace(size=200_000).astype(np.float32) * np.where(RNG.random(200_000) < 0.5, 1, 0.2)
+    h = histogram(values)
+
+    def mse(rng):
+        qp = activation_qparams(*rng, np.dtype(np.uint8), False)
+        return float(np.mean((fake_quant(values, qp) - values) ** 2))
+
+    best = mse(clip_range(h, "mse", 256))
+    assert best < 0.9 * mse(clip_range(h, "minmax", 256))
+    assert best <= 1.05 * min(mse(clip_range(h, m, 256)) for m in ("percentile", "entropy"))
+
+
+def test_budget_search_keeps_fewest_sensitive_layers_float():
+    cost = {"a": 0.5, "b": 0.3, "c": 0.1, "d": 0.05}  # each layer's error when quantized
+    calls = []
+
+    def error_of(floats, full):
+        calls.append(frozenset(floats))
+        return sum(v for k, v in cost.items() if k not in floats)
+
+    floats, error, met = fit_budget(["a", "b", "c", "d"], 0.2, error_of)
+    assert floats == {"a", "b"} and met and error == pytest.approx(0.15)
+    floats, error, met = fit_budget(["a", "b", "c", "d"], -1.0, error_of)
+    assert not met and floats == {"a", "b", "c", "d"}
+
+
+def test_bad_calibration_data_names_the_input():
+    proto = shared_weight_model()
+    with pytest.raises(CalibrationError, match="no input 'x'"):
+        quantize(proto, [{"input": np.zeros((4, 32), np.float32)}])
+    with pytest.raises(CalibrationError, match="'x' is int64"):
+        quantize(proto, [{"x": np.zeros((4, 32), np.int64)}])
+    with pytest.raises(CalibrationError, match="'x' has rank 3"):
+        quantize(proto, [{"x": np.zeros((1, 4, 32), np.float32)}])
+
+
+def test_config_errors_are_user_errors():
+    with pytest.raises(graphopt.GraphoptError, match="unknown method"):
+        quantize(shared_weight_model(), samples((4, 32)), QuantConfig(method="kl"))
+    with pytest.raises(graphopt.GraphoptError, match="cannot quantize op types"):
+        quantize(shared_weight_model(), samples((4, 32)), QuantConfig(op_types=["Softmax"]))
