@@ -22,7 +22,9 @@ from .pipeline import (
     default_pipeline,
 )
 
-TARGET_RUNTIMES = ("ort",)  # runtimes whose fused operators the fusion passes know
+# runtimes whose fused operators the fusion passes know; "ort-cpu": onnxruntime's CPU provider on this very
+# machine (adds layouts bound to its CPU, e.g. NCHWc blocks sized for its vector width)
+TARGET_RUNTIMES = ("ort", "ort-cpu")
 
 
 @dataclass
