@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -86,8 +87,18 @@ def _raw(tensor: Tensor, sample: bool) -> bytes | memoryview:
     return data[:_SAMPLE].tobytes() + data[-_SAMPLE:].tobytes() if sample and len(data) > 2 * _SAMPLE else data
 
 
+#: Digests of file-backed tensors (their bytes never change): the pass manager runs CSE and
+#: dedupe-initializers once per iteration, and re-reading every weight each time was most of their time.
+_FILE_DIGESTS: weakref.WeakKeyDictionary[SourceTensor, dict[bool, bytes]] = weakref.WeakKeyDictionary()
+
+
 def _digest(tensor: Tensor, sample: bool = False) -> bytes:
-    return hashlib.blake2b(_raw(tensor, sample), digest_size=32).digest()
+    if not isinstance(tensor, SourceTensor):
+        return hashlib.blake2b(_raw(tensor, sample), digest_size=32).digest()
+    known = _FILE_DIGESTS.setdefault(tensor, {})
+    if sample not in known:
+        known[sample] = hashlib.blake2b(_raw(tensor, sample), digest_size=32).digest()
+    return known[sample]
 
 
 def _groups(items: list[_Constant], key) -> Iterator[list[_Constant]]:

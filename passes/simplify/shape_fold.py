@@ -10,7 +10,7 @@ way makes the whole Shape/Gather/Concat chain dead, and the model still runs
 at every batch and sequence length, because no dynamic dim became a number.
 
 Element values come from :mod:`.partial`; dims are compared through value
-types, so the pass first refines them (:func:`.infer.refine_shapes`).
+types, so the pass first refines them (:func:`graphopt.shapes.ensure_shapes`).
 
 One rewrite is off by default (``fold-shapes.infer_with_copy``): a target that
 needs both a copied dim (0) and an inferred one (-1). onnxruntime refuses -1
@@ -28,9 +28,9 @@ import onnx
 
 from graphopt.ir import ArrayTensor, Graph, Model, Node, TensorType, Value
 from graphopt.pipeline import Pass, PassContext, PassResult, register_pass
+from graphopt.shapes import SYMBOLIC_MAX_NODES, ensure_shapes
 
 from .evaluate import ConstantScope, has_subgraphs
-from .infer import SYMBOLIC_MAX_NODES, refine_shapes
 from .partial import INT_TYPES, MAX_ELEMENTS, RULES, Partial, Sym, dim_symbol, from_array, objects, propagate
 
 log = logging.getLogger(__name__)
@@ -42,53 +42,15 @@ class FoldShapes(Pass):
     description = "Fold Shape/Gather/Slice/Concat chains; rewrite Reshape/Expand targets so dynamic dims stay dynamic"
     lossless = True
 
-    def __init__(self) -> None:
-        self._lacking: set[int] | None = None  # values still lacking dims after this run's last inference
-
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         graphs = list(model.graph.walk_graphs())
         if not any(n.op_type in ("Shape", "Size") for g in graphs for n in g):
             return PassResult(0)
         if ctx.option(self.name, "infer", True):
-            self._refine(model, graphs, ctx)
+            ensure_shapes(model, symbolic=bool(ctx.option(self.name, "symbolic", True)),
+                          symbolic_max_nodes=int(ctx.option(self.name, "symbolic_max_nodes", SYMBOLIC_MAX_NODES)))
         folder = ShapeFolder(model, graphs, infer_with_copy=bool(ctx.option(self.name, "infer_with_copy", False)))
         return PassResult(folder.run(graphs))
-
-    def _refine(self, model: Model, graphs: list[Graph], ctx: PassContext) -> None:
-        """Run shape inference when a value whose dims matter lacks them, and not again for the same ones.
-
-        Inference exports the whole model, which on 200k nodes costs seconds;
-        the pass manager calls this pass once per iteration.
-        """
-        lacking = _lacking_dims(graphs)
-        if not lacking or self._lacking is not None and lacking <= self._lacking:
-            return
-        refine_shapes(model, symbolic=bool(ctx.option(self.name, "symbolic", True)),
-                      symbolic_max_nodes=int(ctx.option(self.name, "symbolic_max_nodes", SYMBOLIC_MAX_NODES)))
-        self._lacking = _lacking_dims(graphs)
-
-
-def _lacking_dims(graphs: list[Graph]) -> set[int]:
-    """Ids of values whose dims or shapes shape folding reads but does not know.
-
-    Shape/Size inputs and Reshape/Expand data (their dims are compared), Concat
-    inputs (their lengths place the elements).
-    """
-    lacking = set()
-    for graph in graphs:
-        for node in graph:
-            op = node.op_type
-            if op in _READS_DIMS and node.inputs and node.inputs[0] is not None:
-                value = node.inputs[0]
-                shape = value.shape
-                if shape is None or any(d is None or isinstance(d, str) and d.startswith("unk__") for d in shape):
-                    lacking.add(id(value))
-            elif op == "Concat":
-                lacking.update(id(v) for v in node.inputs if v is not None and v.shape is None)
-    return lacking
-
-
-_READS_DIMS = frozenset({"Shape", "Size", "Reshape", "Expand"})
 
 
 class ShapeFolder:
