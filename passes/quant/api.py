@@ -60,7 +60,7 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     if config.max_error is not None and selected:
         selected = _fit_budget(job, plan, selected, report)
         clock.lap("budget")
-    if config.latency_aware and selected:
+    if config.latency_aware and selected and config.mode != "weight_only":  # weight-only is for size, not speed
         selected = _pay_or_fall_back(job, plan, selected, report)
         clock.lap("latency")
     quantized, inserted = job.build(selected)

@@ -132,7 +132,7 @@ def insert_static(model: Model, selected: set[str], ranges: Mapping[str, Range],
             wanted.setdefault(cand.node.inputs[i].name, cand.node.inputs[i])
         out = cand.node.outputs[0]
         float_output_ok = cand.kind in ("Gemm", "MatMul") and not any(u.name in cands for u in out.users())
-        if not out.is_graph_output() and not float_output_ok:
+        if not out.is_graph_output() and (not float_output_ok or cand.node.name in report.absorbed):
             wanted.setdefault(out.name, out)
     _share_scales(graph, wanted, ranges, params, qparams, quantized_consumer)
     for name, value in wanted.items():

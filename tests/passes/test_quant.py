@@ -1,0 +1,189 @@
+"""Quantizing zoo models end to end, checked against onnxruntime running the fp32 original."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import graphopt
+import graphopt.cli
+from graphopt.ir import verify
+from graphopt.passes.quant import QuantConfig, quantize
+from graphopt.passes.quant.evaluate import output_errors, run_outputs
+
+
+@pytest.fixture(scope="module")
+def digits(zoo):
+    from tools.zoo.data import digits_split
+
+    split = digits_split(0)
+    return {"calib": {"images": split["train_images"][:64]}, "test": zoo.load_data("digits_cnn_torchscript")}
+
+
+def accuracy(model: bytes | str, data) -> float:
+    logits = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"images": data["images"]})[0]
+    return float((logits.argmax(1) == data["labels"]).mean())
+
+
+def ort_ops(model: bytes) -> set[str]:
+    """Op types in the graph onnxruntime actually runs (after its QDQ fusions)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        return {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+
+
+@pytest.mark.parametrize("name", ["digits_cnn_torchscript", "digits_cnn_dynamo"])
+def test_static_digits_keeps_accuracy_and_runs_int8_kernels(zoo, digits, name):
+    path = str(zoo.build(name))
+    model, report = quantize(path, digits["calib"], QuantConfig(latency_aware=False))
+    verify(model)
+    data = graphopt.to_bytes(model)
+    assert accuracy(data, digits["test"]) >= accuracy(path, digits["test"]) - 0.005
+    test = [{"images": digits["test"]["images"][i: i + 1]} for i in range(0, 200, 4)]
+    errors = output_errors(run_outputs(path, test), run_outputs(data, test))
+    assert errors["cosine"] >= 0.999, errors
+    assert {"QLinearConv", "QGemm"} <= ort_ops(data)  # the QDQ layout is the one onnxruntime fuses
+    assert report.quantized_nodes >= 5 and report.output_error["cosine"] >= 0.999  # 3 Conv, 2 Gemm (+ MaxPool)
+    assert {row.kind for row in report.layers} == {"weight", "activation"}
+    assert all(row.sqnr_db > 20 for row in report.layers), [(r.tensor, r.sqnr_db) for r in report.layers]
+    assert report.size_bytes["quantized"] < 0.5 * report.size_bytes["fp32"]
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_histogram_methods_on_resnet(zoo, method):
+    name = "resnet_torchscript"
+    calib = [zoo.make_inputs(zoo.MODELS[name], seed=i) for i in range(8)]
+    model, report = quantize(str(zoo.build(name)), calib, QuantConfig(method=method, latency_aware=False))
+    held = [zoo.make_inputs(zoo.MODELS[name], seed=100 + i) for i in range(4)]
+    errors = output_errors(run_outputs(str(zoo.build(name)), held), run_outputs(graphopt.to_bytes(model), held))
+    assert errors["cosine"] >= (0.97 if method == "entropy" else 0.99), (method, errors)  # KL clips hardest
+    assert "QLinearConv" in ort_ops(graphopt.to_bytes(model))
+
+
+def test_budget_keeps_sensitive_layers_float(zoo, digits):
+    path = str(zoo.build("digits_cnn_dynamo"))
+    _, full = quantize(path, digits["calib"], QuantConfig(latency_aware=False))
+    budget = full.output_error["metric"] / 4  # unreachable with everything quantized
+    model, report = quantize(path, digits["calib"], QuantConfig(latency_aware=False, max_error=budget))
+    floats = [f for f in report.kept_float if f.reason == "sensitivity"]
+    assert floats and report.budget_met and report.output_error["metric"] <= budget
+    assert 0 < report.quantized_nodes < full.quantized_nodes
+    assert set(report.sensitivity) == {f.node for f in floats} | set(report.sensitivity)  # every layer measured
+    most = max(report.sensitivity, key=report.sensitivity.get)
+    assert most in {f.node for f in floats}  # the most sensitive layer is the first to stay float
+    float_names = {f.node for f in floats}
+    assert not any(n.name in float_names for n in model.graph if n.inputs and n.inputs[0].producer is not None
+                   and n.inputs[0].producer.op_type == "DequantizeLinear" and n.op_type in ("Conv", "Gemm")
+                   and n.inputs[1].producer is not None and n.inputs[1].producer.op_type == "DequantizeLinear")
+
+
+def test_user_metric_drives_the_budget(zoo, digits):
+    path = str(zoo.build("digits_cnn_dynamo"))
+    labels_of = [int(np.argmax(o["logits"])) for o in run_outputs(path, [{"images": digits["calib"]["images"][:8]}])]
+    calls = []
+
+    def disagreement(ref, got):
+        calls.append(len(got))
+        return float(np.mean([np.argmax(r["logits"], -1) != np.argmax(g["logits"], -1) for r, g in zip(ref, got)]))
+
+    _, report = quantize(path, digits["calib"], QuantConfig(latency_aware=False, max_error=0.0,
+                                                            user_metric=disagreement))
+    assert calls and labels_of
+    assert report.output_error["metric"] == 0.0 and report.budget_met
+
+
+def test_dynamic_bert(zoo):
+    name = "bert_dynamo"
+    calib = [zoo.make_inputs(zoo.MODELS[name], seed=i) for i in range(8)]
+    model, report = quantize(str(zoo.build(name)), calib, QuantConfig(mode="dynamic", latency_aware=False))
+    data = graphopt.to_bytes(model)
+    assert report.quantized_nodes > 0
+    assert any(n.op_type == "DynamicQuantizeMatMul" for n in model.graph)
+    held = [zoo.make_inputs(zoo.MODELS[name], seed=50 + i, second=True) for i in range(4)]
+    errors = output_errors(run_outputs(str(zoo.build(name)), held), run_outputs(data, held))
+    assert errors["cosine"] >= 0.99, errors
+
+
+def test_weight_only_is_smaller_and_close(zoo, digits):
+    path = str(zoo.build("digits_cnn_torchscript"))
+    model, report = quantize(path, digits["calib"], QuantConfig(mode="weight_only"))
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph)  # float compute
+    assert report.size_bytes["quantized"] < 0.5 * report.size_bytes["fp32"]
+    assert report.output_error["cosine"] >= 0.9999
+
+
+def test_latency_aware_never_returns_a_slower_model(zoo):
+    name = "mobilenet_dynamo"  # depthwise convs: int8 does not pay on this CPU
+    calib = [zoo.make_inputs(zoo.MODELS[name], seed=i) for i in range(4)]
+    _, report = quantize(str(zoo.build(name)), calib, QuantConfig())
+    assert any(f.reason == "latency" for f in report.kept_float)
+    if "quantized" in report.latency_ms:
+        assert report.latency_ms["quantized"] <= report.latency_ms["fp32"]
+    else:
+        assert report.quantized_nodes == 0 and report.notes
+
+
+def test_cli_quantize_writes_a_runnable_model_and_json(zoo, digits, tmp_path, capsys):
+    path = str(zoo.build("digits_cnn_dynamo"))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, images=digits["calib"]["images"][:, None])  # samples stacked on a new leading axis
+    out = tmp_path / "q.onnx"
+    code = graphopt.cli.main(["quantize", path, "-o", str(out), "--calib", str(calib), "--json",
+                              "--no-latency-aware", "--method", "percentile", "--report", str(tmp_path / "r.json")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantized_nodes"] >= 5 and report["output_error"]["cosine"] >= 0.999
+    assert json.loads((tmp_path / "r.json").read_text()) == report
+    assert "QLinearConv" in ort_ops(out.read_bytes())
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"image": np.zeros((4, 1, 1, 8, 8), np.float32)}, "no input 'images'"),
+    ({"images": np.zeros((4, 1, 1, 8, 8), np.int64)}, "'images' is int64"),
+    ({"images": np.zeros((4, 8, 8), np.float32)}, "'images' has rank"),
+])
+def test_cli_bad_calibration_is_one_clear_error(zoo, tmp_path, capsys, arrays, message):
+    calib = tmp_path / "bad.npz"
+    np.savez(calib, **arrays)
+    out = tmp_path / "q.onnx"
+    code = graphopt.cli.main(["quantize", str(zoo.build("digits_cnn_dynamo")), "-o", str(out), "--calib", str(calib)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50_dynamo", "resnet50_torchscript"])
+def test_resnet50_static_is_faster_and_accurate(zoo, name):
+    calib = [zoo.make_inputs(zoo.MODELS[name], seed=i) for i in range(16)]
+    _, report = quantize(str(zoo.build(name)), calib, QuantConfig())
+    assert report.output_error["cosine"] >= 0.999
+    assert report.latency_ms["quantized"] * 1.5 <= report.latency_ms["fp32"]
+
+
+@pytest.mark.slow
+def test_minilm_dynamic_real_sentences(zoo):
+    name = "minilm_dynamo"
+    data = zoo.load_data(name)
+    samples = []
+    for i in range(len(data["input_ids"])):
+        n = int(data["attention_mask"][i].sum())
+        samples.append({"input_ids": data["input_ids"][i: i + 1, :n], "attention_mask": data["attention_mask"][i: i + 1, :n]})
+    model, report = quantize(str(zoo.build(name)), samples[:64], QuantConfig(mode="dynamic"))
+    held = samples[64:164]
+    ref = run_outputs(str(zoo.build(name)), held)
+    got = run_outputs(graphopt.to_bytes(model), held)
+    cos = [float(np.dot(r["sentence_embedding"].ravel(), g["sentence_embedding"].ravel())
+                 / np.linalg.norm(r["sentence_embedding"]) / np.linalg.norm(g["sentence_embedding"]))
+           for r, g in zip(ref, got, strict=True)]
+    assert np.mean(cos) >= 0.99
+    assert report.latency_ms["quantized"] * 1.3 <= report.latency_ms["fp32"]
