@@ -71,13 +71,14 @@ def run_ort_basic(src: str, dst: str, external_data: bool | None = None) -> dict
     return {}
 
 
-def run_graphopt(src: str, dst: str, level: str | None = None) -> dict[str, Any]:
-    """graphopt's default pipeline (``level=None``), or every lossless pass up to ``level``."""
+def run_graphopt(src: str, dst: str, level: str | None = None, target_runtime: str = "ort") -> dict[str, Any]:
+    """graphopt's default pipeline (``level=None``), or every lossless pass up to ``level``, for
+    ``target_runtime``."""
     import graphopt
     from graphopt.optimize import optimize
 
     model = graphopt.load(src)
-    result = optimize(model) if level is None else optimize(model, level=level)
+    result = optimize(model, target_runtime=target_runtime, **({} if level is None else {"level": level}))
     graphopt.save(model, dst)
     return {
         "nodes_before": result.nodes_before,
