@@ -1,18 +1,12 @@
 """Which fused operators make onnxruntime's CPU provider fastest on transformer blocks (issue 5).
 
 The fusion passes in ``passes/fusion/{norm,gelu,attention}.py`` pick their target ops from these
-numbers. Two subcommands:
-
-``ops``: one small graph per candidate form of the same computation (LayerNorm, RMSNorm, GELU,
+numbers: one small graph per candidate form of the same computation (LayerNorm, RMSNorm, GELU,
 SiLU, multi-head attention with its projections, QKV merging), at BERT-base shapes, each run in
 onnxruntime at the given optimization levels, all variants interleaved (A B C A B C ...), medians.
-
-``models``: end-to-end latency of zoo models: the original, graphopt's output (simplify + the
-transformer fusions) and ``onnxruntime.transformers.optimizer``'s output, under ORT_ENABLE_ALL and
-ORT_ENABLE_BASIC, all interleaved in one process.
+End-to-end model latency (original, peers, graphopt) is ``tools/bench_fusion.py``'s job.
 
     python tools/measure_attention_ops.py ops --family attention --batch 1 8 --runs 30
-    python tools/measure_attention_ops.py models bert_base_torchscript minilm_torchscript --batch 1 8
 
 Sessions: 2 intra-op threads, 1 inter-op thread, ``session.intra_op.allow_spinning = 0`` (several
 sessions are alive at once; idle spinning threads of one slowed another 7-13x here).
@@ -24,7 +18,6 @@ import argparse
 import logging
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -376,102 +369,6 @@ def attention_cases(batch: int, seq: int, mask: str, hidden: int = 768, heads: i
     return {name: (model, feeds) for name, model in cases.items()}
 
 
-# -------------------------------------------------------------------------------------------- models
-
-SIMPLIFY = ["lift-constants", "remove-identity", "infer-shapes", "fold-constants", "fold-shapes", "eliminate-noops",
-            "eliminate-common-subexpressions"]
-FUSE = ["fuse-layer-norm", "fuse-rms-norm", "fuse-gelu", "fuse-silu", "fuse-attention", "pack-qkv-attention"]
-CLEANUP = ["eliminate-dead-nodes", "remove-unused-initializers"]
-ORT_MODEL_TYPE = {"bert": "bert", "minilm": "bert", "vit": "vit", "gpt2": "gpt2"}
-
-
-def graphopt_pipeline() -> list[str]:
-    """The simplification passes that exist, the transformer fusions, cleanup."""
-    import importlib
-
-    from graphopt.pipeline import available_passes
-
-    for module in ("fusion.norm", "fusion.gelu", "fusion.attention", "simplify", "simplify.noop", "simplify.cse"):
-        try:
-            importlib.import_module(f"graphopt.passes.{module}")
-        except ImportError as err:
-            log.warning("no graphopt.passes.%s: %s", module, err)
-    known = available_passes()
-    return [p for p in SIMPLIFY + FUSE + CLEANUP if p in known]
-
-
-def heads_and_hidden(name: str) -> tuple[int, int]:
-    from tools.zoo import MODELS
-
-    hf = MODELS[name].config.get("hf", {})
-    if name.startswith("minilm"):
-        return 12, 384  # all-MiniLM-L6-v2
-    return hf.get("num_attention_heads", hf.get("n_head")), hf.get("hidden_size", hf.get("n_embd"))
-
-
-def prepare_models(name: str, workdir: Path) -> dict[str, str]:
-    """original / graphopt / ort-transformers-optimizer files for one zoo model."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    import graphopt
-    from tools.zoo import build
-
-    path = str(build(name))
-    out = {"original": path}
-    model = graphopt.load(path)
-    start = time.perf_counter()
-    graphopt.optimize(model, graphopt_pipeline())
-    log.info("%s: graphopt took %.1f s", name, time.perf_counter() - start)
-    out["graphopt"] = str(workdir / f"{name}.graphopt.onnx")
-    graphopt.save(model, out["graphopt"])
-    heads, hidden = heads_and_hidden(name)
-    family = name.split("_")[0]
-    optimized = optimize_model(path, model_type=ORT_MODEL_TYPE[family], num_heads=heads, hidden_size=hidden)
-    log.info("%s: onnxruntime.transformers.optimizer fused %s", name,
-             {k: v for k, v in optimized.get_fused_operator_statistics().items() if v})
-    out["ort-transformers"] = str(workdir / f"{name}.ort_transformers.onnx")
-    optimized.save_model_to_file(out["ort-transformers"])
-    return out
-
-
-def text_feeds(sess: ort.InferenceSession, batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
-    """Token ids and a right-padded mask (rows after the first keep 3/4 of the tokens)."""
-    rng = np.random.default_rng(0)
-    mask = np.ones((batch, seq), np.int64)
-    mask[1:, seq * 3 // 4:] = 0
-    values = {"input_ids": rng.integers(0, vocab, (batch, seq)).astype(np.int64), "attention_mask": mask,
-              "pixel_values": rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)}
-    return {i.name: values[i.name] for i in sess.get_inputs()}
-
-
-def run_models(args: argparse.Namespace) -> None:
-    from tools.zoo import MODELS
-
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="measure-attention-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    for name in args.models:
-        files = prepare_models(name, workdir)
-        vocab = MODELS[name].inputs["input_ids"].value_range[1] if "input_ids" in MODELS[name].inputs else 0
-        for batch in args.batch:
-            calls, outputs = {}, {}
-            for label, path in files.items():
-                for level in args.levels:
-                    sess = session(path, level)
-                    feeds = text_feeds(sess, batch, args.seq, int(vocab))
-                    calls[f"{label}\t{level}"] = (lambda s=sess, f=feeds: s.run(None, f))
-                    outputs[label] = sess.run(None, feeds)[0]
-            for label, out in outputs.items():
-                log.info("%s batch %d: %s max |diff| vs original = %.2e", name, batch, label,
-                         float(np.abs(out - outputs["original"]).max()))
-            samples = interleaved(calls, args.runs, args.warmup)
-            baseline = f"original\t{args.levels[-1]}"
-            table: dict[str, dict[str, Timing]] = {}
-            for key, timing in summarize(samples, baseline).items():
-                label, level = key.split("\t")
-                table.setdefault(label, {})[level] = timing
-            print_table(f"{name}, batch {batch}, seq {args.seq} (ratios to original at {args.levels[-1]})", table)
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -496,21 +393,14 @@ def main(argv: list[str] | None = None) -> None:
     ops = sub.add_parser("ops", help="candidate fused ops on BERT-base shapes")
     ops.add_argument("--family", choices=["norm", "gelu", "attention", "all"], default="all")
     ops.add_argument("--masks", nargs="+", default=["none", "pad", "causal"])
-    models = sub.add_parser("models", help="zoo models: original vs graphopt vs onnxruntime.transformers")
-    models.add_argument("models", nargs="+")
-    models.add_argument("--workdir", help="where the optimized models go (default: a new temporary folder)")
-    for p in (ops, models):
-        p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-        p.add_argument("--seq", type=int, default=128)
-        p.add_argument("--runs", type=int, default=30)
-        p.add_argument("--warmup", type=int, default=5)
-        p.add_argument("--levels", nargs="+", default=["all"], choices=list(LEVELS))
+    ops.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ops.add_argument("--seq", type=int, default=128)
+    ops.add_argument("--runs", type=int, default=30)
+    ops.add_argument("--warmup", type=int, default=5)
+    ops.add_argument("--levels", nargs="+", default=["all"], choices=list(LEVELS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command == "ops":
-        run_ops(args)
-    else:
-        run_models(args)
+    run_ops(args)
 
 
 if __name__ == "__main__":
