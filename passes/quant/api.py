@@ -21,7 +21,7 @@ from .calib import CalibSource, batches, load_calibration
 from .config import QuantConfig
 from .dynamic import insert_dynamic
 from .evaluate import Outputs, latency_ms, metric_value, output_errors, run_outputs, session
-from .observe import observe, progress_bar
+from .observe import float_tensors, observe, progress_bar
 from .optable import STATIC_KINDS, WEIGHT_KINDS, paying_kinds, speedup
 from .plan import Plan, make_plan
 from .qdq import Inserted, insert_static, insert_weight_only
@@ -129,15 +129,17 @@ def _plan_and_ranges(model: Model, fp32: bytes, samples, config: QuantConfig, re
     if config.mode != "static" or not plan.candidates:
         return plan, {}
     proto = to_proto(model)
-    feeds = batches(samples, proto, 16)
+    tensors = plan.tensors(absorb=not config.symmetric)
+    dtypes = float_tensors(proto, tensors, samples[0])
     with progress_bar(config.progress) as bar:
-        stats, dtypes = observe(proto, plan.tensors(), feeds, config.method != "minmax", bar)
+        stats = observe(proto, [t for t in tensors if dtypes.get(t) == "float32"], batches(samples, proto, 16),
+                        config.method != "minmax", bar)
     levels = qrange(np.dtype(config.activation_type))
     ranges = {name: clip_range(h, config.method, levels[1] - levels[0] + 1, config.percentile)
               for name, h in stats.items()}
     for name, cand in list(plan.candidates.items()):
-        tensors = [cand.node.inputs[i].name for i in cand.activations] + [cand.node.outputs[0].name]
-        missing = [t for t in tensors if t not in ranges]
+        needed = [cand.node.inputs[i].name for i in cand.activations]
+        missing = [t for t in needed if t not in ranges]
         if missing:
             del plan.candidates[name]
             plan.kept_float.append(FloatNode(name, cand.node.op_type, UNSUPPORTED,

@@ -1,7 +1,10 @@
-"""Activation statistics: onnxruntime runs the fp32 model once per pass over the calibration data with the
-tensors to observe exposed as extra outputs; only running statistics are kept (streaming).
+"""Activation statistics, computed inside onnxruntime.
 
-min/max needs one pass; histogram methods a second one, whose bins span the first pass's range.
+Exposing every observed tensor as a model output made calibration 2-3x slower than the model itself
+(ResNet-50: 0.9 s per sample against 0.39 s: every output is a fresh allocation copied to numpy). So
+the fp32 model gets, per observed tensor, a ReduceMin, a ReduceMax and (for histogram methods) a
+strided subsample of at most ``SUBSAMPLE`` values, and only those small tensors come back. One pass
+over the calibration data; memory per tensor is bounded (``Histogram.add_values`` decimates).
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from graphopt.verify.runtime import LoadedModel, open_session, run_session
 
 from .ranges import Histogram
+
+SUBSAMPLE = 1 << 14  # values per tensor and batch kept for the histogram
 
 
 @contextlib.contextmanager
@@ -28,30 +34,58 @@ def progress_bar(enabled: bool) -> Iterator[Progress | None]:
         yield bar
 
 
-def observe(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Sequence[dict[str, np.ndarray]],
-            histograms: bool, progress: Progress | None = None) -> tuple[dict[str, Histogram], dict[str, np.dtype]]:
-    """Histogram (min/max, plus bins if ``histograms``) of every float tensor in ``tensors``; and each
-    tensor's dtype, so callers can drop integer tensors."""
-    stats = {name: Histogram() for name in tensors}
-    dtypes: dict[str, np.dtype] = {}
-    passes = 2 if histograms else 1
-    task = progress.add_task("calibrating", total=passes * len(feeds)) if progress is not None else None
+def float_tensors(proto: onnx.ModelProto, tensors: Sequence[str], feed: dict[str, np.ndarray]) -> dict[str, str]:
+    """{tensor: dtype name} from one run with the tensors exposed (the IR does not always know types)."""
     with open_session(LoadedModel(proto), list(tensors), label="model (calibration)") as sess:
-        for pass_index in range(passes):
-            if pass_index == 1:
-                for h in stats.values():
-                    h.start_histogram()
-            for feed in feeds:
-                values = run_session(sess, feed, list(tensors))
-                for name, value in values.items():
-                    value = np.asarray(value)
-                    dtypes[name] = value.dtype
-                    if value.dtype != np.float32 or value.size == 0:
-                        continue
-                    if pass_index == 0:
-                        stats[name].observe_range(value)
-                    else:
-                        stats[name].observe_histogram(value)
-                if task is not None:
-                    progress.advance(task)
-    return {k: v for k, v in stats.items() if dtypes.get(k) == np.float32 and np.isfinite(v.lo)}, dtypes
+        values = run_session(sess, feed, list(tensors))
+    return {name: str(np.asarray(v).dtype) for name, v in values.items()}
+
+
+def with_statistics(proto: onnx.ModelProto, tensors: Sequence[str], subsample: bool) -> onnx.ModelProto:
+    """A copy of ``proto`` whose outputs are min, max (and a strided subsample) of each tensor."""
+    stats = onnx.ModelProto()
+    stats.CopyFrom(proto)
+    graph = stats.graph
+    del graph.output[:]
+    graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), "_gq_flat"),
+                              numpy_helper.from_array(np.array(SUBSAMPLE, np.int64), "_gq_keep"),
+                              numpy_helper.from_array(np.array(1, np.int64), "_gq_one"),
+                              numpy_helper.from_array(np.array([0], np.int64), "_gq_zero"),
+                              numpy_helper.from_array(np.array([2**62], np.int64), "_gq_end")])
+    for i, name in enumerate(tensors):
+        flat, lo, hi = f"_gq{i}_flat", f"_gq{i}_min", f"_gq{i}_max"
+        nodes = [helper.make_node("Reshape", [name, "_gq_flat"], [flat]),
+                 helper.make_node("ReduceMin", [flat], [lo], keepdims=0),
+                 helper.make_node("ReduceMax", [flat], [hi], keepdims=0)]
+        outputs = [lo, hi]
+        if subsample:
+            size, step, steps, sub = f"_gq{i}_size", f"_gq{i}_step", f"_gq{i}_steps", f"_gq{i}_sub"
+            nodes += [helper.make_node("Size", [name], [size]),
+                      helper.make_node("Div", [size, "_gq_keep"], [f"{step}0"]),
+                      helper.make_node("Max", [f"{step}0", "_gq_one"], [step]),
+                      helper.make_node("Reshape", [step, "_gq_flat"], [steps]),
+                      helper.make_node("Slice", [flat, "_gq_zero", "_gq_end", "_gq_zero", steps], [sub])]
+            outputs.append(sub)
+        graph.node.extend(nodes)
+        graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
+    return stats
+
+
+def observe(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Sequence[dict[str, np.ndarray]],
+            histograms: bool, progress: Progress | None = None) -> dict[str, Histogram]:
+    """Min/max (and a histogram if ``histograms``) of each float32 tensor in ``tensors`` over ``feeds``."""
+    stats = {name: Histogram() for name in tensors}
+    stats_proto = with_statistics(proto, tensors, histograms)
+    task = progress.add_task("calibrating", total=len(feeds)) if progress is not None else None
+    with open_session(LoadedModel(stats_proto), label="model (calibration)") as sess:
+        for feed in feeds:
+            values = run_session(sess, feed)
+            for i, name in enumerate(tensors):
+                lo, hi = values[f"_gq{i}_min"], values[f"_gq{i}_max"]
+                if lo.size and np.isfinite(lo) and np.isfinite(hi):
+                    stats[name].observe(float(lo), float(hi), values.get(f"_gq{i}_sub"))
+            if task is not None:
+                progress.advance(task)
+    for h in stats.values():
+        h.finish()
+    return {k: v for k, v in stats.items() if np.isfinite(v.lo)}

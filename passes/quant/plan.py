@@ -31,18 +31,40 @@ class Plan:
     candidates: dict[str, Candidate] = field(default_factory=dict)  # by node name
     kept_float: list[FloatNode] = field(default_factory=list)
 
-    def tensors(self) -> list[str]:
-        """Activation tensors whose ranges calibration must observe."""
+    def tensors(self, absorb: bool) -> list[str]:
+        """Activation tensors whose ranges calibration must observe.
+
+        With ``absorb`` (asymmetric ranges), the output of a node read only by a Relu/Clip is not observed:
+        when the node is quantized the activation is absorbed and its output range is used instead.
+        """
         names: dict[str, None] = {}
         for cand in self.candidates.values():
             for i in cand.activations:
                 names[cand.node.inputs[i].name] = None
             out = cand.node.outputs[0]
-            names[out.name] = None
-            for user in out.users():  # absorbable activations and scale-sharing ops right after it
+            users = out.users()
+            for user in users:  # absorbable activations and scale-sharing ops right after it
                 if user.op_type in ABSORBABLE + SHARE_SCALE:
                     names[user.outputs[0].name] = None
+            if not (absorb and absorbable_activation(out) is not None):
+                names[out.name] = None
         return list(names)
+
+
+def absorbable_activation(out: Value) -> Node | None:
+    """The Relu/Clip(0, max) that is ``out``'s only reader, if a QuantizeLinear on ``out`` can replace it."""
+    users = out.users()
+    if len(out.uses()) != 1 or out.is_graph_output() or users[0].op_type not in ABSORBABLE:
+        return None
+    act = users[0]
+    if act.outputs[0].is_graph_output():
+        return None
+    if act.op_type == "Relu":
+        return act
+    low = act.inputs[1] if len(act.inputs) > 1 else None
+    lo = float(low.const.numpy()) if is_const(low) else act.attr("min", None)
+    high = act.inputs[2] if len(act.inputs) > 2 else None
+    return act if lo == 0.0 and (high is None or is_const(high)) else None
 
 
 def is_const(value: Value | None) -> bool:

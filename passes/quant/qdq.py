@@ -29,7 +29,7 @@ from graphopt.ir.tensor import ArrayTensor
 
 from .config import QuantConfig
 from .optable import STATIC_KINDS, saturating_u8s8
-from .plan import ABSORBABLE, SHARE_SCALE, Candidate, is_const, make_plan
+from .plan import SHARE_SCALE, Candidate, absorbable_activation, make_plan
 from .qparams import QParams, activation_qparams, qrange, quantize_bias, quantize_weight, sqnr_db
 from .report import LayerError
 
@@ -115,8 +115,7 @@ def insert_static(model: Model, selected: set[str], ranges: Mapping[str, Range],
     build = _Builder(graph, config)
     act_dtype = np.dtype(config.activation_type)
     cands = {n: c for n, c in make_plan(model, set(STATIC_KINDS), set()).candidates.items()
-             if n in selected and all(c.node.inputs[i].name in ranges for i in c.activations)
-             and c.node.outputs[0].name in ranges}
+             if n in selected and all(c.node.inputs[i].name in ranges for i in c.activations)}
     params: dict[str, QParams] = {}
 
     def qparams(name: str) -> QParams:
@@ -132,7 +131,8 @@ def insert_static(model: Model, selected: set[str], ranges: Mapping[str, Range],
             wanted.setdefault(cand.node.inputs[i].name, cand.node.inputs[i])
         out = cand.node.outputs[0]
         float_output_ok = cand.kind in ("Gemm", "MatMul") and not any(u.name in cands for u in out.users())
-        if not out.is_graph_output() and (not float_output_ok or cand.node.name in report.absorbed):
+        known = out.name in ranges or out.name in params
+        if known and not out.is_graph_output() and (not float_output_ok or cand.node.name in report.absorbed):
             wanted.setdefault(out.name, out)
     _share_scales(graph, wanted, ranges, params, qparams, quantized_consumer)
     for name, value in wanted.items():
@@ -184,15 +184,11 @@ def _absorb_activations(graph: Graph, cands: Mapping[str, Candidate], ranges: Ma
     absorbed = {}
     for cand in cands.values():
         out = cand.node.outputs[0]
-        users = out.users()
-        if len(out.uses()) != 1 or out.is_graph_output() or users[0].op_type not in ABSORBABLE:
+        act = absorbable_activation(out)
+        if act is None or act.outputs[0].name not in ranges:
             continue
-        act = users[0]
         act_out = act.outputs[0]
-        lo, hi = ranges.get(act_out.name, (None, None))
-        if lo is None or act_out.is_graph_output() or not _clamps_at_zero(act):
-            continue
-        qp = activation_qparams(0.0, hi, act_dtype, False)
+        qp = activation_qparams(0.0, ranges[act_out.name][1], act_dtype, False)
         if int(qp.zero_point) != qrange(act_dtype)[0]:
             continue
         params[out.name] = qp
@@ -200,16 +196,6 @@ def _absorb_activations(graph: Graph, cands: Mapping[str, Candidate], ranges: Ma
         graph.erase(act)
         absorbed[cand.node.name] = act_out.name
     return absorbed
-
-
-def _clamps_at_zero(node: Node) -> bool:
-    if node.op_type == "Relu":
-        return True
-    low = node.inputs[1] if len(node.inputs) > 1 else None
-    lo = float(low.const.numpy()) if is_const(low) else node.attr("min", None)
-    high = node.inputs[2] if len(node.inputs) > 2 else None
-    constant_high = high is None or is_const(high)
-    return lo == 0.0 and constant_high
 
 
 def _share_scales(graph: Graph, wanted: dict[str, Value], ranges: Mapping[str, Range], params: dict[str, QParams],

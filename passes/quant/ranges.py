@@ -1,8 +1,7 @@
 """Clipping ranges from activation statistics: min/max, percentile, entropy (KL) and MSE-optimal.
 
 Every method reads a :class:`Histogram` of one tensor over the calibration data (exact min/max plus a
-2048-bin histogram over [min, max], filled from a strided subsample of each batch so that calibration
-stays linear in the data and cheap on large models).
+2048-bin histogram over [min, max] of a strided subsample, so calibration stays cheap on large models).
 """
 
 from __future__ import annotations
@@ -12,33 +11,42 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BINS = 2048
-SUBSAMPLE = 1 << 18  # values per tensor and batch that go into the histogram
+MAX_VALUES = 1 << 20  # values per tensor kept for the histogram (a uniform subsample of all seen)
 
 
 @dataclass
 class Histogram:
+    """Exact min/max of a tensor over the calibration data, and a histogram of a bounded subsample."""
+
     lo: float = np.inf
     hi: float = -np.inf
-    counts: np.ndarray | None = None  # over [edge_lo, edge_hi], fixed after the min/max pass
+    counts: np.ndarray | None = None  # BINS counts over [edge_lo, edge_hi], built by finish()
     edge_lo: float = 0.0
     edge_hi: float = 0.0
-    samples: list[float] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+    stride: int = 1  # keep every stride-th incoming value (doubles whenever MAX_VALUES is reached)
 
-    def observe_range(self, x: np.ndarray) -> None:
-        self.lo = min(self.lo, float(x.min()))
-        self.hi = max(self.hi, float(x.max()))
+    def observe(self, lo: float, hi: float, values: np.ndarray | None = None) -> None:
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        if values is not None and values.size:
+            self.add_values(np.asarray(values, np.float32))
 
-    def start_histogram(self) -> None:
+    def add_values(self, values: np.ndarray) -> None:
+        self.values.append(values[:: self.stride])
+        if sum(v.size for v in self.values) > MAX_VALUES:
+            self.values = [np.concatenate(self.values)[::2]]
+            self.stride *= 2
+
+    def finish(self) -> None:
+        """Build the histogram over [min(lo, 0), max(hi, 0)] from the kept values."""
+        if not self.values:
+            return
         self.edge_lo, self.edge_hi = min(self.lo, 0.0), max(self.hi, 0.0)
-        self.counts = np.zeros(BINS, np.int64)
-
-    def observe_histogram(self, x: np.ndarray) -> None:
-        flat = x.reshape(-1)
-        if flat.size > SUBSAMPLE:
-            flat = flat[:: flat.size // SUBSAMPLE]
         width = (self.edge_hi - self.edge_lo) or 1.0
+        flat = np.concatenate(self.values)
         idx = ((flat - self.edge_lo) * (BINS / width)).astype(np.int64)
-        self.counts += np.bincount(np.clip(idx, 0, BINS - 1), minlength=BINS)
+        self.counts = np.bincount(np.clip(idx, 0, BINS - 1), minlength=BINS)
+        self.values = []
 
     def centers(self) -> np.ndarray:
         width = (self.edge_hi - self.edge_lo) / BINS
@@ -105,10 +113,13 @@ def _entropy(h: Histogram, levels: int) -> tuple[float, float]:
     """TensorRT-style calibration: the range whose quantized distribution has the least KL divergence."""
     p_all = h.counts.astype(np.float64)
     centers = h.centers()
+    # Exact zeros (after Relu, padding) pile up in one bin that quantization keeps exact anyway; smeared
+    # into its chunk it would dominate the divergence and push the range to clip everything else.
+    p_all[np.argmin(np.abs(centers))] = 0.0
     best, best_kl = None, np.inf
     for lo, hi in _candidates(h):
         inside = (centers >= lo) & (centers <= hi)
-        if inside.sum() < levels // 4:
+        if inside.sum() < levels:  # fewer bins than quantization levels: KL is no longer meaningful
             break
         ref = p_all[inside].copy()
         ref[0] += p_all[centers < lo].sum()  # clipped mass lands on the edges

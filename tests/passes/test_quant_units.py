@@ -125,9 +125,8 @@ def test_activation_params_and_fake_quant():
 
 def histogram(values: np.ndarray) -> Histogram:
     h = Histogram()
-    h.observe_range(values)
-    h.start_histogram()
-    h.observe_histogram(values)
+    h.observe(float(values.min()), float(values.max()), values)
+    h.finish()
     return h
 
 
