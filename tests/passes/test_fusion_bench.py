@@ -1,0 +1,46 @@
+"""tools/bench_fusion.py on a tiny zoo CNN, shrunk: every variant made, checked, timed and judged."""
+
+from __future__ import annotations
+
+import pytest
+
+from tools.bench.latency import paired_ratio
+from tools.bench_fusion import (
+    BenchConfig,
+    bench_feeds,
+    bench_model,
+    render_markdown,
+    targets,
+)
+from tools.zoo import build
+
+
+def test_paired_ratio_uses_same_round_pairs():
+    assert paired_ratio([2.0, 4.0, 6.0], [1.0, 4.0, 2.0]) == 2.0  # per round: 2, 1, 3
+    assert paired_ratio([], []) is None
+
+
+def test_bench_feeds_set_batch_and_sequence():
+    feeds = bench_feeds("bert_torchscript", 8, 128)
+    assert feeds["input_ids"].shape == (8, 128) and feeds["attention_mask"].shape == (8, 128)
+    assert bench_feeds("resnet_torchscript", 8, 128)["images"].shape == (8, 3, 64, 64)
+
+
+@pytest.mark.slow
+def test_bench_model_on_a_small_cnn(tmp_path):
+    cfg = BenchConfig(batches=(1, 2), runs=2, warmup=1, creation_repeat=1, timeout=300)
+    result = bench_model("digits_cnn_torchscript", build("digits_cnn_torchscript"), tmp_path, cfg)
+    variants = result["variants"]
+    assert {"original", "onnxsim", "onnxslim", "graphopt"} <= set(variants)
+    assert "ort_transformers" not in variants  # a CNN
+    for label, variant in variants.items():
+        assert variant["ok"], (label, variant["error"])
+        assert label == "original" or variant["matched"], variant.get("match")
+        for batch in ("b1", "b2"):
+            for level in ("all", "basic"):
+                assert variant["latency"][batch][level]["x_all"] > 0
+        assert set(variant["creation_s"]) == {"all", "basic"}
+    assert variants["original"]["latency"]["b1"]["all"]["x_all"] == 1.0
+    judged = targets(result, "wall")
+    assert judged["b1"]["judge"] == "wall" and "all_le_original" in judged["b1"]
+    assert "digits_cnn_torchscript" in render_markdown([result], "cmd")
