@@ -21,7 +21,8 @@ B or fewer than B, or depthwise), output channels a multiple of B; Relu / Clip /
 LeakyRelu / HardSigmoid after a Conv (fused), residual Add of two blocked tensors (fused into the Conv
 that computed one of them when it is used once, else an elementwise Add on blocked tensors), unary
 activations on blocked tensors, MaxPool (one output) / AveragePool / GlobalAveragePool / GlobalMaxPool.
-Everything else reads the NCHW tensor through one ``ReorderOutput`` per value.
+Everything else reads the NCHW tensor through one ``ReorderOutput`` per value. Only the main graph is
+laid out (If/Loop bodies stay NCHW).
 """
 
 from __future__ import annotations
