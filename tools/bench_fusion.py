@@ -77,6 +77,7 @@ class BenchConfig:
     seq: int = 128
     runs: int = 20
     warmup: int = 3
+    min_seconds: float = 30.0  # fast models get more rounds, so each (model, batch) is measured this long
     creation_repeat: int = 3
     timeout: float = 1800.0
 
@@ -189,7 +190,8 @@ def _latency(models: Mapping[str, str], feeds: Mapping[str, np.ndarray], feeds_f
     for levels in groups:
         res = run_in_child("tools.bench.latency:ort_latency",
                            {"models": {**models, CONTROL: models[ORIGINAL]}, "feeds_file": str(feeds_file),
-                            "levels": levels, "runs": cfg.runs, "warmup": cfg.warmup, "samples": True},
+                            "levels": levels, "runs": cfg.runs, "warmup": cfg.warmup, "samples": True,
+                            "min_seconds": cfg.min_seconds},
                            timeout=cfg.timeout, preload=("onnxruntime",))
         for label in out:
             for level in levels:
@@ -361,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=128, help="sequence length of text models")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=30.0,
+                        help="more rounds for fast models, so each model and batch is measured about this long")
     parser.add_argument("--json", help="write the results here (updated after every model)")
     parser.add_argument("--md", help="write the markdown report here")
     parser.add_argument("--workdir", help="where the variants go (default: a temporary folder)")
@@ -378,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise SystemExit(f"unknown zoo models {unknown}; known: {', '.join(MODELS)}")
-    cfg = BenchConfig(batches=args.batch, seq=args.seq, runs=args.runs, warmup=args.warmup)
+    cfg = BenchConfig(batches=args.batch, seq=args.seq, runs=args.runs, warmup=args.warmup,
+                      min_seconds=args.min_seconds)
     command = "python tools/bench_fusion.py " + " ".join(argv if argv is not None else sys.argv[1:])
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-fusion-"))
     results: list[dict[str, Any]] = []

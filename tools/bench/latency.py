@@ -45,10 +45,13 @@ class LatencyStats:
 
 
 def measure_interleaved(
-    variants: Mapping[str, Callable[[], object]], *, runs: int = 20, warmup: int = 3
+    variants: Mapping[str, Callable[[], object]], *, runs: int = 20, warmup: int = 3, min_seconds: float = 0.0,
+    max_runs: int = 1000,
 ) -> dict[str, LatencyStats]:
     """Call every variant ``warmup`` times, then ``runs`` rounds of one call each, in the same order.
 
+    With ``min_seconds``, fast variants get more rounds (up to ``max_runs``) so the rounds take about that
+    long: 20 rounds of a sub-millisecond model measure mostly the machine's noise.
     A variant that raises is dropped from later rounds and reports its error; the others go on.
     """
     results = {name: LatencyStats() for name in variants}
@@ -60,6 +63,11 @@ def measure_interleaved(
         except Exception as exc:  # noqa: BLE001 - one broken variant must not stop the others
             results[name].error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             del live[name]
+    if min_seconds > 0 and live:
+        start = time.perf_counter()
+        for call in live.values():
+            call()
+        runs = max(runs, min(max_runs, int(min_seconds / max(time.perf_counter() - start, 1e-6))))
     for _ in range(runs):
         for name, call in list(live.items()):
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -88,12 +96,14 @@ def ort_latency(
     warmup: int = 3,
     threads: int = 2,
     samples: bool = False,
+    min_seconds: float = 0.0,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Latency of every model (label -> path) at every onnxruntime level, all interleaved in one process.
 
     ``feeds_file`` is a pickle of an input dict (run in a :mod:`.child`, it must be a path). Returns
     ``{label: {level: LatencyStats dict}}``; a model onnxruntime cannot load gets the error at every level.
-    With ``samples`` the per-round timings are kept too (see :func:`paired_ratio`).
+    With ``samples`` the per-round timings are kept too (see :func:`paired_ratio`); ``min_seconds``: see
+    :func:`measure_interleaved`.
     """
     with open(feeds_file, "rb") as f:
         feeds = pickle.load(f)
@@ -109,7 +119,7 @@ def ort_latency(
                 continue
             wanted = {i.name for i in sess.get_inputs()}
             variants[key] = _runner(sess, {k: v for k, v in feeds.items() if k in wanted})
-    measured = measure_interleaved(variants, runs=runs, warmup=warmup)
+    measured = measure_interleaved(variants, runs=runs, warmup=warmup, min_seconds=min_seconds)
     out: dict[str, dict[str, dict[str, Any]]] = {label: {} for label in models}
     for key, error in errors.items():
         label, level = key.split("\t")
