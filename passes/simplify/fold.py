@@ -242,8 +242,10 @@ class _Sweep:
             for out, array in zip(node.outputs, arrays, strict=True):
                 if array is not None:
                     constant[id(out)] = array_bytes(array)
-            if not any(self.scope.is_output(o) for o in node.outputs):
-                folded.append(node)  # (a node producing a graph output keeps its name: its values feed on)
+            if node.graph.parent is not None or not any(self.scope.is_output(o) for o in node.outputs):
+                # A main-graph output stays computed (some runtimes reject an initializer as a model
+                # output); a body's output may be a constant of that body (onnxruntime runs it).
+                folded.append(node)
         for node in reversed(folded):
             _materialize(node, [results.get(id(o)) for o in node.outputs])
         removed = 0
@@ -274,9 +276,10 @@ def _materialize(node: Node, arrays: list[np.ndarray | None]) -> None:
     """Replace a folded node by initializers that keep its output names."""
     graph = node.graph
     outputs = node.outputs
+    needed = [out.has_uses() or out.is_graph_output() for out in outputs]  # (erasing detaches them)
     graph.erase(node, keep_outputs=True)
-    for out, array in zip(outputs, arrays, strict=True):
-        if array is None or not out.has_uses():
+    for out, array, keep in zip(outputs, arrays, needed, strict=True):
+        if array is None or not keep:
             continue
         tensor = ArrayTensor(np.asarray(array), out.name)
         out.const = tensor

@@ -200,3 +200,29 @@ def test_loop_whose_scan_output_is_read_stays():
     original = parse(LOOP.replace("float[3] w) {", "float[0, 3] w) {").replace("w = Relu(x)", "w = Relu(s)"))
     model, _ = optimized(original)
     assert "Loop" in ops(model.graph)
+
+
+def test_loop_body_output_copying_an_outer_constant_becomes_a_body_constant():
+    # torchscript's Loop bodies pass the outer "keep going" flag through Identity; the body output keeps
+    # its name as a body initializer (onnxruntime runs that), while a main-graph output stays computed
+    original = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 4] y, bool flag) {
+        trips = Constant <value = int64 {3}> ()
+        keep = Constant <value = bool {1}> ()
+        y = Loop (trips, keep, x) <
+            body = b (int64 i, bool c, float[N, 4] h) => (bool c_out, float[N, 4] h_out) {
+                c_out = Identity(keep)
+                h_out = Tanh(h)
+            }
+        >
+        flag = Identity(keep)
+    }
+    """)
+    model, _ = optimized(original)
+    (loop,) = [n for n in model.graph if n.op_type == "Loop"]
+    (body,) = loop.subgraphs()
+    assert ops(body) == ["Tanh"]
+    assert [v.name for v in body.outputs] == ["c_out", "h_out"] and "c_out" in body.initializers
+    assert ops(model.graph) == ["Loop", "Identity"]  # the model output "flag" is still a node's
+    assert_same(original, model, {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)})
