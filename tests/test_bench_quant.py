@@ -44,7 +44,7 @@ def test_every_variant_is_measured(run):
     assert data["config"]["quick"] is True and data["config"]["calib_samples"] == 16
     (result,) = data["models"]
     assert result["model"] == MODEL and result["kind"] == "digits" and result["output"] == "logits"
-    assert result["counts"] == {"calib": 16, "eval": 64}
+    assert result["counts"] == {"calib": 16, "eval": 64, "latency_batch": 1}
     variants = result["variants"]
     assert list(variants) == ["fp32", *TOOLS]
     fp32, ort = variants["fp32"], variants["ort_static_u8s8"]

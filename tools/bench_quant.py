@@ -2,10 +2,12 @@
 in one run, with the same calibration data for every tool.
 
 Per model (data: :mod:`tools.bench.quant_data`) and variant: onnxruntime CPU latency (ORT_ENABLE_ALL, 2
-intra-op threads, every variant interleaved in one process, median after warm-up) and the speed-up over
-fp32 in that same run, file size, accuracy, the tool's wall time, and its error text when it fails. A
-model that the checker or onnxruntime rejects counts as that tool's failure ("invalid model"), not as a
-crash of the benchmark; every tool and every evaluation runs in its own process with a timeout.
+intra-op threads, every variant interleaved in one process, median of >= 50 rounds after warm-up, more for
+fast models), the speed-up over fp32 in that same run (median over rounds of the per-round ratio, which
+survives the machine's drift; also for CPU time), an A/A control (fp32 measured twice: the run's noise),
+file size, accuracy, the tool's wall time, and its error text when it fails. A model that the checker or
+onnxruntime rejects counts as that tool's failure ("invalid model"), not as a crash of the benchmark; every
+tool and every evaluation runs in its own process with a timeout.
 
 Variants: ``fp32`` (the zoo model), ``graphopt_static`` (graphopt's default static config),
 ``graphopt_dynamic`` (transformers only), onnxruntime's ``quantize_static`` QDQ with per-channel int8
@@ -16,7 +18,11 @@ activations, and ``quantize_dynamic`` with its defaults (``ort_dynamic``) and pe
 Accuracy: digits CNN: top-1 on the held-out test split; ResNet/MobileNet-style CNNs (random weights): top-1
 agreement with fp32 and output SQNR on held-out natural-image crops; MiniLM: mean cosine of the sentence
 embeddings (the graph's mean pooling over the attention mask, L2-normalised) to fp32 on 120 real
-sentences; every model: mean per-sample output cosine and SQNR against fp32.
+sentences; every model: mean per-sample output cosine and SQNR against fp32. "At equal speed" compares
+graphopt with every onnxruntime variant at least :data:`EQUAL_SPEED` as fast, on :data:`PRIMARY_METRIC`.
+Latency is measured at batch 1 for images (one request) and on a batch of 8 sentences for MiniLM
+(``--latency-batch`` changes both); at batch 1 the small CNNs run in well under a millisecond, so their
+latency is mostly per-operator overhead rather than arithmetic.
 
     python -m tools.bench_quant --json quant.json --md quant.md     # digits, ResNet, MobileNet, MiniLM
     python -m tools.bench_quant --resnet50                          # adds the full-size ResNet-50
@@ -71,13 +77,15 @@ class BenchConfig:
     tools: Sequence[str] = tuple(TOOLS)
     calib_samples: int = 100
     eval_samples: int | None = None
+    latency_batch: int | None = None  # None: one image, or a batch of 8 sentences
     latency_runs: int = 50
+    latency_seconds: float = 5.0  # fast models get more rounds (up to 1000), so a round set lasts this long
     warmup: int = 5
     timeout: float = 900.0
     method: str | None = None  # None: graphopt's default calibration method
 
 
-QUICK = {"calib_samples": 16, "eval_samples": 64, "latency_runs": 10, "warmup": 2}
+QUICK = {"calib_samples": 16, "eval_samples": 64, "latency_runs": 10, "latency_seconds": 0.0, "warmup": 2}
 
 
 # ------------------------------------------------------------------------------------------ one model
@@ -120,11 +128,13 @@ def _quantize(tool: str, src: str, dst: str, calib_dir: str, method: str, cfg: B
     res = run_in_child("tools.bench.quantizers:run_tool",
                        {"tool": tool, "src": src, "dst": dst, "calib_dir": calib_dir, "method": method},
                        timeout=cfg.timeout, preload=TOOLS[tool][2])
-    error = res.error
+    ok, error = res.ok, res.error
     if error and tool in GRAPHOPT and error.startswith(("ImportError", "ModuleNotFoundError")):
         error = f"not available ({error})"
-    log.info("  %-22s %s", tool, f"{res.seconds:.2f} s" if res.ok else error)
-    return {"ok": res.ok, "error": error, "timed_out": res.timed_out, "path": dst, "seconds": res.seconds,
+    if ok and not Path(dst).is_file():
+        ok, error = False, "reported success but wrote no model"
+    log.info("  %-22s %s", tool, f"{res.seconds:.2f} s" if ok else error)
+    return {"ok": ok, "error": error, "timed_out": res.timed_out, "path": dst, "seconds": res.seconds,
             "peak_rss_mb": res.peak_rss_mb, "info": res.value if res.ok else None}
 
 
@@ -234,7 +244,8 @@ def _measure_latency(variants: dict[str, dict[str, Any]], data: QuantData, workd
     """Every valid variant, interleaved in one onnxruntime process, plus fp32 a second time as an A/A control.
 
     ``speedup`` is the median over rounds of fp32's time / the variant's time in the same round (robust to the
-    machine's drift); the control's ``speedup`` is the run's noise (1.0 on a quiet machine).
+    machine's drift); ``cpu_speedup`` the same for the process's CPU time (less sensitive to other processes
+    taking the cores); the control's speed-ups are the run's noise (1.0 on a quiet machine).
     """
     feeds_file = workdir / "latency_feeds.pkl"
     with open(feeds_file, "wb") as f:
@@ -242,13 +253,15 @@ def _measure_latency(variants: dict[str, dict[str, Any]], data: QuantData, workd
     models = {label: v["path"] for label, v in variants.items() if v["ok"]}
     res = run_in_child("tools.bench.latency:ort_latency",
                        {"models": {**models, CONTROL: variants[FP32]["path"]}, "feeds_file": str(feeds_file),
-                        "levels": ["all"], "runs": cfg.latency_runs, "warmup": cfg.warmup, "samples": True},
+                        "levels": ["all"], "runs": cfg.latency_runs, "warmup": cfg.warmup, "samples": True,
+                        "min_seconds": cfg.latency_seconds},
                        timeout=cfg.timeout, preload=("onnxruntime",))
     stats = {label: res.value[label]["all"] if res.ok else {"error": res.error} for label in [*models, CONTROL]}
-    base = stats[FP32].get("samples_ms") if FP32 in stats else None
+    base = {key: stats[FP32].get(key) or [] for key in ("samples_ms", "cpu_samples_ms")} if FP32 in stats else {}
     for entry in stats.values():
-        ratio = paired_ratio(entry.pop("samples_ms", None) or [], base or [])
-        entry["speedup"] = 1.0 / ratio if ratio else None
+        for key, out in (("samples_ms", "speedup"), ("cpu_samples_ms", "cpu_speedup")):
+            ratio = paired_ratio(entry.pop(key, None) or [], base.get(key) or [])
+            entry[out] = 1.0 / ratio if ratio else None
     for label in models:
         variants[label]["latency"] = stats[label]
         variants[label]["speedup"] = stats[label]["speedup"]
@@ -267,7 +280,7 @@ def bench_zoo(names: Sequence[str], workdir: Path, cfg: BenchConfig, json_path: 
         start = time.perf_counter()
         try:
             path = build(name).resolve()
-            data = build_data(name, cfg.calib_samples, cfg.eval_samples)
+            data = build_data(name, cfg.calib_samples, cfg.eval_samples, cfg.latency_batch)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be built is a row, not a stop
             results.append({"model": name, "error": f"zoo build / data failed: {exc}"})
             continue
@@ -415,8 +428,8 @@ def _why(variant: Mapping[str, Any] | None) -> str:
 
 # ------------------------------------------------------------------------------------------- report
 
-COLUMNS = ["model", "variant", "status", "latency ms", "speed-up", "size MB", "size x", "top-1", "agree", "cos",
-           "cos min", "SQNR dB", "quantize s"]
+COLUMNS = ["model", "variant", "status", "latency ms", "speed-up", "CPU x", "size MB", "size x", "top-1", "agree",
+           "cos", "cos min", "SQNR dB", "quantize s"]
 
 
 def render_markdown(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
@@ -441,7 +454,8 @@ def render_markdown(results: Sequence[Mapping[str, Any]], summary: Mapping[str, 
     done = [r for r in results if "variants" in r]
     if done:
         parts += ["Data: " + "; ".join(sorted({f"{r['kind']}: {r['data']} ({r['counts']['calib']} calibration, "
-                                                 f"{r['counts']['eval']} evaluation samples)" for r in done})), ""]
+                                                 f"{r['counts']['eval']} evaluation samples, latency at batch "
+                                                 f"{r['counts']['latency_batch']})" for r in done})), ""]
         parts += [f"Calibration method of every static quantizer: {', '.join(sorted({r['method'] for r in done}))}.",
                   ""]
     if failures:
@@ -463,6 +477,7 @@ def _row(model: str, label: str, v: Mapping[str, Any], fp32_bytes: int | None) -
 
     return [model, label, status, None if lat is None else f"{lat:.3f}",
             None if v.get("speedup") is None else f"{v['speedup']:.2f}x",
+            None if (v.get("latency") or {}).get("cpu_speedup") is None else f"{v['latency']['cpu_speedup']:.2f}x",
             None if size is None else f"{size / 1e6:.2f}",
             None if size is None or not fp32_bytes else f"{size / fp32_bytes:.2f}",
             pct("top1"), pct("agree"), num("cos", ".5f"), num("cos_min", ".4f"), num("sqnr_db", ".1f"),
@@ -496,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--method", help="calibration method of every static quantizer (default: graphopt's)")
     parser.add_argument("--calib-samples", type=int, help="calibration samples (default 100)")
     parser.add_argument("--eval-samples", type=int, help="evaluation samples (default: all)")
+    parser.add_argument("--latency-batch", type=int,
+                        help="samples per latency run (default: 1 image, 8 sentences)")
     parser.add_argument("--latency-runs", type=int, help="interleaved onnxruntime runs per variant (default 50)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per tool run")
     parser.add_argument("--workdir", help="keep quantized models here (default: a temporary folder)")
@@ -510,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         cfg = replace(cfg, **QUICK)
     overrides = {"calib_samples": args.calib_samples, "eval_samples": args.eval_samples,
-                 "latency_runs": args.latency_runs}
+                 "latency_batch": args.latency_batch, "latency_runs": args.latency_runs}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     names = args.models.split(",") if args.models else list(DEFAULT_MODELS)
     names += [n for n in RESNET50 if args.resnet50 and n not in names]

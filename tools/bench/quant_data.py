@@ -54,25 +54,28 @@ class QuantData:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def build_data(name: str, calib_samples: int, eval_samples: int | None = None) -> QuantData:
+def build_data(name: str, calib_samples: int, eval_samples: int | None = None,
+               latency_batch: int | None = None) -> QuantData:
     """Data for zoo model ``name``: ``calib_samples`` calibration samples, at most ``eval_samples``
-    evaluation samples (None: all there are; the image and random kinds make 300 by default)."""
+    evaluation samples (None: all there are; the image and random kinds make 300 and 32), and latency
+    measured on the first ``latency_batch`` evaluation samples (None: 1, or :data:`TEXT_BATCH` sentences)."""
     from tools.zoo import MODELS
 
     model = MODELS[name]
     if model.family == "digits_cnn":
-        data = digits_data(calib_samples, eval_samples)
+        data = digits_data(calib_samples, eval_samples, latency_batch or 1)
     elif model.family in ("resnet", "mobilenet"):
-        data = image_data(model.inputs["images"].shape[-1], calib_samples, eval_samples or 300)
+        data = image_data(model.inputs["images"].shape[-1], calib_samples, eval_samples or 300, latency_batch or 1)
     elif model.family == "minilm":
-        data = text_data(calib_samples, eval_samples)
+        data = text_data(calib_samples, eval_samples, latency_batch or TEXT_BATCH)
     else:
-        data = random_data(name, calib_samples, eval_samples or 32)
-    data.counts = {"calib": len(data.calib), "eval": sum(len(next(iter(b.values()))) for b in data.eval_batches)}
+        data = random_data(name, calib_samples, eval_samples or 32, latency_batch or 1)
+    data.counts = {"calib": len(data.calib), "eval": sum(len(next(iter(b.values()))) for b in data.eval_batches),
+                   "latency_batch": len(next(iter(data.latency_feeds.values())))}
     return data
 
 
-def digits_data(calib_samples: int, eval_samples: int | None) -> QuantData:
+def digits_data(calib_samples: int, eval_samples: int | None, latency_batch: int = 1) -> QuantData:
     from tools.zoo.data import digits_split
 
     split = digits_split(0)
@@ -85,13 +88,13 @@ def digits_data(calib_samples: int, eval_samples: int | None) -> QuantData:
         calib=[{"images": train[i: i + 1]} for i in range(calib_samples)],
         eval_batches=[{"images": test}],
         output="logits",
-        latency_feeds={"images": test[:1]},
+        latency_feeds={"images": test[:latency_batch]},
         labels=labels,
         description="scikit-learn digits: calibration from the training split, top-1 on the held-out test split",
     )
 
 
-def image_data(size: int, calib_samples: int, eval_samples: int) -> QuantData:
+def image_data(size: int, calib_samples: int, eval_samples: int, latency_batch: int = 1) -> QuantData:
     held = natural_crops(EVAL_PHOTO, eval_samples, size, seed=2)
     calib = natural_crops(CALIB_PHOTO, calib_samples, size, seed=1)
     return QuantData(
@@ -99,7 +102,7 @@ def image_data(size: int, calib_samples: int, eval_samples: int) -> QuantData:
         calib=[{"images": calib[i: i + 1]} for i in range(calib_samples)],
         eval_batches=[{"images": held[i: i + IMAGE_BATCH]} for i in range(0, eval_samples, IMAGE_BATCH)],
         output="logits",
-        latency_feeds={"images": held[:1]},
+        latency_feeds={"images": held[:latency_batch]},
         description=f"natural {size}x{size} crops: calibration from china.jpg, evaluation from flower.jpg",
     )
 
@@ -128,7 +131,7 @@ def natural_crops(photo: int, count: int, size: int, seed: int) -> np.ndarray:
     return out
 
 
-def text_data(calib_samples: int, eval_samples: int | None) -> QuantData:
+def text_data(calib_samples: int, eval_samples: int | None, latency_batch: int = TEXT_BATCH) -> QuantData:
     from tools.zoo.data import sentences, tokenize
 
     texts = sentences()
@@ -141,13 +144,13 @@ def text_data(calib_samples: int, eval_samples: int | None) -> QuantData:
         calib=[tokenize([text]) for text in spare[:calib_samples]],
         eval_batches=batches,
         output="sentence_embedding",
-        latency_feeds=batches[0],
+        latency_feeds=tokenize(held[:latency_batch]),
         description=f"real English sentences, MiniLM's tokenizer; calibration: one unpadded sentence per sample; "
-                    f"evaluation and latency: padded batches of {TEXT_BATCH} with the attention mask",
+                    f"evaluation: padded batches of {TEXT_BATCH} with the attention mask",
     )
 
 
-def random_data(name: str, calib_samples: int, eval_samples: int) -> QuantData:
+def random_data(name: str, calib_samples: int, eval_samples: int, latency_batch: int = 1) -> QuantData:
     from tools.zoo import MODELS, make_inputs
 
     model = MODELS[name]
@@ -157,7 +160,7 @@ def random_data(name: str, calib_samples: int, eval_samples: int) -> QuantData:
         calib=[make_inputs(model, seed=1000 + i) for i in range(calib_samples)],
         eval_batches=held,
         output=next(iter(model.outputs)),
-        latency_feeds=held[0],
+        latency_feeds={k: np.concatenate([h[k] for h in held[:latency_batch]]) for k in held[0]},
         description="the zoo's random valid inputs (no real data for this model)",
     )
 
