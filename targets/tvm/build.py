@@ -25,7 +25,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ir import Model
 from graphopt.onnx_io import ModelLike, to_bytes
 
-from .frontend import prepare, signature, to_relax
+from .frontend import prepare, relax_output_shapes, signature, to_relax
 from .runtime import FORMAT, MANIFEST, is_artifact
 from .target import make_target
 from .tune import RPCConfig, TuningReport, apply_database, tune
@@ -82,6 +82,8 @@ def compile_model(
     proto = prepare(model, shapes)
     inputs, outputs = signature(proto)
     mod = to_relax(proto)
+    for spec, shape in zip(outputs, relax_output_shapes(mod), strict=False):
+        spec.shape = shape if shape is not None else spec.shape
     seconds["import"] = time.perf_counter() - clock
     report = None
     db_dir = Path(db) if db is not None else DEFAULT_DB

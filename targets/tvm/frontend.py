@@ -128,6 +128,19 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(vi.name, dtype, shape)
 
 
+def relax_output_shapes(mod) -> list[list[int | str] | None]:
+    """Output shapes as the imported module computes them (ints, symbol names, or a symbolic
+    expression's text), None where unknown: more precise than the ONNX graph's declared outputs."""
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    shapes: list[list[int | str] | None] = []
+    for ty in fields:
+        values = getattr(getattr(ty, "shape", None), "values", None)
+        shapes.append(None if values is None else [int(v.value) if hasattr(v, "value") else str(v)
+                                                   for v in values])
+    return shapes
+
+
 def _sanitize(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
@@ -149,5 +162,5 @@ def to_relax(proto: onnx.ModelProto):
         last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise UnsupportedModelError(
             f"TVM's ONNX importer failed converting a {op} node: {last}",
-            hint="dynamic shapes the importer cannot follow are the usual cause: fix them with --shape NAME=DIMS",
+            hint="a common cause is a dynamic shape the importer cannot follow: bind it with --shape NAME=DIMS",
         ) from None

@@ -1,0 +1,163 @@
+"""graphopt.targets.tvm: import checks, cpu/cuda builds, the artifact directory, load(), the CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper
+
+pytest.importorskip("tvm")
+
+from graphopt.cli import main  # noqa: E402
+from graphopt.errors import GraphoptError  # noqa: E402
+from graphopt.targets.tvm import ArtifactError, compile_model, load, read_manifest  # noqa: E402
+from graphopt.targets.tvm.frontend import UnsupportedModelError  # noqa: E402
+from tests.targets.tvm_models import assert_matches, conv_net, ort_outputs  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("tvm")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """conv_net compiled for the CPU with its batch dim left symbolic."""
+    folder = tmp_path_factory.mktemp("tvm")
+    onnx.save(conv_net(), folder / "net.onnx")
+    result = compile_model(folder / "net.onnx", folder / "net.tvm")
+    return folder, result
+
+
+def test_artifact_runs_at_two_batch_sizes_and_matches_onnxruntime(compiled):
+    folder, result = compiled
+    runner = load(result.path)
+    assert runner.inputs == [{"name": "x", "dtype": "float32", "shape": ["N", 3, 16, 16]}]
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 16, 16)).astype(np.float32)
+        got = runner(x)
+        assert got["y"].shape == (batch, 10)
+        assert_matches(ort_outputs(conv_net(), {"x": x}), got)
+
+
+def test_manifest_records_signature_versions_and_source_hash(compiled):
+    import hashlib
+
+    folder, result = compiled
+    manifest = read_manifest(result.path)
+    assert manifest == result.manifest
+    assert manifest["outputs"] == [{"name": "y", "dtype": "float32", "shape": ["N", 10]}]
+    assert manifest["source_model"]["sha256"] == hashlib.sha256((folder / "net.onnx").read_bytes()).hexdigest()
+    assert manifest["target"]["kind"] == "cpu" and manifest["target"]["tvm"]["kind"] == "llvm"
+    assert manifest["target"]["tvm"]["num-cores"] >= 1 and manifest["tuning"] is None
+    assert set(manifest["versions"]) == {"graphopt", "tvm", "tvm_ffi"}
+    assert (result.path / manifest["library"]).is_file()
+
+
+def test_runner_rejects_bad_inputs(compiled):
+    runner = load(compiled[1].path)
+    good = np.zeros((1, 3, 16, 16), np.float32)
+    cases = {
+        "missing input": ({}, "missing input"),
+        "unknown input": ({"x": good, "z": good}, "unknown input"),
+        "dtype": ({"x": good.astype(np.float64)}, "dtype float64"),
+        "rank": ({"x": good[0]}, "shape [3, 16, 16]"),
+        "static dim": ({"x": np.zeros((1, 3, 8, 16), np.float32)}, "shape [1, 3, 8, 16]"),
+    }
+    for feeds, message in cases.values():
+        with pytest.raises(ArtifactError, match=message.replace("[", r"\[")):
+            runner.run(feeds)
+
+
+def test_unsupported_ops_fail_before_any_work(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+         helper.make_node("TreeEnsembleClassifier", ["r"], ["l", "p"], domain="ai.onnx.ml", name="trees"),
+         helper.make_node("QLinearMatMul", ["x", "s", "z", "x", "s", "z", "s", "z"], ["q"], name="qmm")],
+        "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("l", T.INT64, [1]), helper.make_tensor_value_info("q", T.FLOAT, [1, 4])],
+        [helper.make_tensor("s", T.FLOAT, [], [0.1]), helper.make_tensor("z", T.INT8, [], [0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    onnx.save(model, tmp_path / "m.onnx")
+    start = time.perf_counter()
+    with pytest.raises(UnsupportedModelError) as info:
+        compile_model(tmp_path / "m.onnx", tmp_path / "out")
+    assert time.perf_counter() - start < 5
+    text = str(info.value)
+    assert "ai.onnx.ml::TreeEnsembleClassifier (node 'trees')" in text and "QLinearMatMul (node 'qmm')" in text
+    assert "Relu" not in text.split("hint")[0] and not (tmp_path / "out").exists()
+
+
+def test_shapes_bind_inputs_or_symbols_and_an_artifact_is_replaced_whole(tmp_path):
+    onnx.save(conv_net(), tmp_path / "net.onnx")
+    out = tmp_path / "out"
+    by_input = compile_model(tmp_path / "net.onnx", out, shapes={"x": [2, 3, 16, 16]})
+    assert by_input.manifest["inputs"][0]["shape"] == [2, 3, 16, 16]
+    assert by_input.manifest["outputs"][0]["shape"] == [2, 10]
+    by_symbol = compile_model(tmp_path / "net.onnx", out, shapes={"N": [4]})  # replaces the first artifact
+    assert read_manifest(out) == by_symbol.manifest and by_symbol.manifest["outputs"][0]["shape"] == [4, 10]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "out"]  # no staging leftovers
+    with pytest.raises(GraphoptError, match="no graph input or symbolic dim"):
+        compile_model(tmp_path / "net.onnx", tmp_path / "c", shapes={"nope": [1]})
+    with pytest.raises(GraphoptError, match="does not fit"):
+        compile_model(tmp_path / "net.onnx", tmp_path / "c", shapes={"x": [1, 4, 16, 16]})
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(GraphoptError, match="not a compiled artifact"):
+        compile_model(tmp_path / "net.onnx", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_cuda_build_compiles_without_a_gpu(tmp_path):
+    onnx.save(conv_net(), tmp_path / "net.onnx")
+    result = compile_model(tmp_path / "net.onnx", tmp_path / "cuda", target="cuda", arch="sm_90")
+    manifest = result.manifest
+    assert manifest["target"]["kind"] == "cuda" and manifest["target"]["tvm"]["arch"] == "sm_90"
+    assert (result.path / "model.so").stat().st_size > 10_000
+    with pytest.raises(GraphoptError, match="bad --arch"):
+        compile_model(tmp_path / "net.onnx", tmp_path / "bad", target="cuda", arch="90")
+
+
+def test_cuda_artifact_runs_on_a_gpu(tmp_path):
+    import tvm
+
+    if not tvm.cuda(0).exist:
+        pytest.skip("no CUDA GPU here")
+    onnx.save(conv_net(), tmp_path / "net.onnx")
+    result = compile_model(tmp_path / "net.onnx", tmp_path / "cuda", target="cuda")
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    assert_matches(ort_outputs(conv_net(), {"x": x}), load(result.path)(x))
+
+
+def test_cli_compile_run_verify(tmp_path, capsys):
+    onnx.save(conv_net(), tmp_path / "net.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    art, out = tmp_path / "net.tvm", tmp_path / "out.npz"
+    assert main(["compile", str(tmp_path / "net.onnx"), "-o", str(art), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["manifest"]["inputs"][0]["name"] == "x"
+    assert main(["run", str(art), "--inputs", str(tmp_path / "in.npz"), "-o", str(out), "--repeat", "3",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["outputs"] == ["y"] and report["median_ms"] > 0
+    assert_matches(ort_outputs(conv_net(), {"x": x}), dict(np.load(out)))
+    assert main(["verify", str(tmp_path / "net.onnx"), str(art), "--inputs", str(tmp_path / "in.npz"),
+                 "--json"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["ok"] and verdict["outputs"][0]["verdict"] in ("match", "float_noise")
+
+
+def test_cli_errors_exit_2_without_output(tmp_path, capsys, compiled):
+    onnx.save(conv_net(), tmp_path / "net.onnx")
+    art = tmp_path / "net.tvm"
+    assert main(["compile", str(tmp_path / "net.onnx"), "-o", str(art), "--trials", "8"]) == 2
+    assert "only apply with --tune" in capsys.readouterr().err and not art.exists()
+    assert main(["compile", str(tmp_path / "net.onnx"), "-o", str(art), "--tune"]) == 2  # symbolic batch
+    assert "tuning needs static shapes" in capsys.readouterr().err and not art.exists()
+    assert main(["run", str(tmp_path), "--json"]) == 2
+    assert "not a compiled artifact" in capsys.readouterr().err
+    np.savez(tmp_path / "bad.npz", x=np.zeros((1, 3, 16, 16), np.int64))
+    assert main(["run", str(compiled[1].path), "--inputs", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "y.npz")]) == 2
+    assert "dtype int64" in capsys.readouterr().err and not (tmp_path / "y.npz").exists()
