@@ -159,5 +159,6 @@ def test_cli_errors_exit_2_without_output(tmp_path, capsys, compiled):
     assert main(["run", str(tmp_path), "--json"]) == 2
     assert "not a compiled artifact" in capsys.readouterr().err
     np.savez(tmp_path / "bad.npz", x=np.zeros((1, 3, 16, 16), np.int64))
-    assert main(["run", str(compiled[1].path), "--inputs", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "y.npz")]) == 2
+    bad = str(tmp_path / "bad.npz")
+    assert main(["run", str(compiled[1].path), "--inputs", bad, "-o", str(tmp_path / "y.npz")]) == 2
     assert "dtype int64" in capsys.readouterr().err and not (tmp_path / "y.npz").exists()
