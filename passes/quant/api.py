@@ -4,10 +4,12 @@ budget, the latency check, the per-tensor error report, and a final onnxruntime 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
+import onnx
 
 import graphopt
 from graphopt.errors import GraphoptError
@@ -17,7 +19,7 @@ from graphopt.passes.prune.calib import run_exposed
 from graphopt.pipeline import PassContext, get_pass
 
 from .budget import fit_budget, sensitivities
-from .calib import CalibSource, batches, load_calibration
+from .calib import CalibSource, load_calibration
 from .config import QuantConfig
 from .dynamic import insert_dynamic
 from .evaluate import Outputs, latency_ms, metric_value, output_errors, run_outputs, session
@@ -25,11 +27,13 @@ from .observe import float_tensors, observe, progress_bar
 from .optable import STATIC_KINDS, WEIGHT_KINDS, paying_kinds, speedup
 from .plan import Plan, make_plan
 from .qdq import Inserted, insert_static, insert_weight_only
-from .qparams import qrange, sqnr_db
+from .qparams import qrange
 from .ranges import clip_range
 from .report import EXCLUDED, LATENCY, SENSITIVITY, UNSUPPORTED, FloatNode, LayerError, QuantReport
 
 log = logging.getLogger(__name__)
+
+SQNR_SAMPLES = 2  # per-tensor SQNR runs both models with every quantized tensor exposed: a few samples
 
 Calibration = CalibSource | Iterable[Mapping[str, np.ndarray]]
 
@@ -53,9 +57,10 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     fp32 = to_bytes(model)
     report = QuantReport(config.mode, config.method if config.mode == "static" else "-", config.activation_type,
                          config.per_channel, len(samples), max_error=config.max_error)
-    plan, ranges = _plan_and_ranges(model, fp32, samples, config, report)
+    plan, ranges, reference = _plan_and_ranges(model, samples, config)
     clock.lap("calibrate")
-    job = _Job(fp32, config, ranges, samples)
+    job = _Job(fp32, config, ranges, samples, reference)
+    clock.lap("fp32 reference")
     selected = set(plan.candidates)
     if config.max_error is not None and selected:
         selected = _fit_budget(job, plan, selected, report)
@@ -71,7 +76,7 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
         report.budget_met = report.output_error["metric"] <= config.max_error
     report.quantized_nodes = len(inserted.quantized)
     report.notes += inserted.notes
-    report.layers = inserted.weights + _activation_errors(fp32, quantized, inserted, job.sens_feeds)
+    report.layers = inserted.weights + _activation_errors(fp32, quantized, inserted, job.sens_feeds[:SQNR_SAMPLES])
     report.kept_float = plan.kept_float + [f for f in report.kept_float if f not in plan.kept_float]
     report.size_bytes = {"fp32": len(fp32), "quantized": len(quantized)}
     clock.lap("check")
@@ -122,18 +127,25 @@ def _kinds(config: QuantConfig) -> tuple[set[str], set[str], str]:
     return allowed, allowed, LATENCY
 
 
-def _plan_and_ranges(model: Model, fp32: bytes, samples, config: QuantConfig, report: QuantReport
-                     ) -> tuple[Plan, dict[str, tuple[float, float]]]:
+def _plan_and_ranges(model: Model, samples, config: QuantConfig
+                     ) -> tuple[Plan, dict[str, tuple[float, float]], list[dict[str, np.ndarray]]]:
+    """Candidates, their calibrated activation ranges, and the fp32 outputs of the first eval samples.
+
+    Samples run one at a time (not batched): their outputs are the fp32 reference for the error metric.
+    """
     allowed, kinds, why_not = _kinds(config)
     plan = make_plan(model, kinds, set(config.nodes_to_exclude), config.mode == "weight_only", allowed, why_not)
     if config.mode != "static" or not plan.candidates:
-        return plan, {}
+        return plan, {}, []
     proto = to_proto(model)
     tensors = plan.tensors(absorb=not config.symmetric)
-    dtypes = float_tensors(proto, tensors, samples[0])
+    dtypes = _known_dtypes(model, tensors)
+    unknown = [t for t in tensors if t not in dtypes]
+    if unknown:
+        dtypes.update(float_tensors(proto, unknown, samples[0]))
     with progress_bar(config.progress) as bar:
-        stats = observe(proto, [t for t in tensors if dtypes.get(t) == "float32"], batches(samples, proto, 16),
-                        config.method != "minmax", bar)
+        stats, reference = observe(proto, [t for t in tensors if dtypes.get(t) == "float32"], samples,
+                                   config.method != "minmax", bar, keep_outputs=config.eval_samples)
     levels = qrange(np.dtype(config.activation_type))
     ranges = {name: clip_range(h, config.method, levels[1] - levels[0] + 1, config.percentile)
               for name, h in stats.items()}
@@ -144,17 +156,28 @@ def _plan_and_ranges(model: Model, fp32: bytes, samples, config: QuantConfig, re
             del plan.candidates[name]
             plan.kept_float.append(FloatNode(name, cand.node.op_type, UNSUPPORTED,
                                              f"{missing[0]} is {dtypes.get(missing[0], 'not float')}"))
-    return plan, ranges
+    return plan, ranges, reference
+
+
+def _known_dtypes(model: Model, tensors) -> dict[str, str]:
+    """dtypes the IR already knows (from the optimizer's shape inference)."""
+    values = {v.name: v for v in model.graph.values()}
+    out = {}
+    for name in tensors:
+        elem = values[name].elem_type if name in values else None
+        if elem:
+            out[name] = str(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    return out
 
 
 class _Job:
     """Builds variants (which nodes stay float) from the fused fp32 model and scores them."""
 
-    def __init__(self, fp32: bytes, config: QuantConfig, ranges, samples) -> None:
+    def __init__(self, fp32: bytes, config: QuantConfig, ranges, samples, reference: Outputs) -> None:
         self.fp32, self.config, self.ranges = fp32, config, ranges
-        self.eval_feeds = samples
-        self.sens_feeds = samples[: config.sensitivity_samples]
-        self.reference = run_outputs(session(fp32), samples, label="fp32 model")
+        self.eval_feeds = samples[: config.eval_samples]
+        self.sens_feeds = samples[: min(config.sensitivity_samples, config.eval_samples)]
+        self.reference = reference or run_outputs(session(fp32), self.eval_feeds, label="fp32 model")
 
     def build(self, selected: set[str]) -> tuple[bytes, Inserted]:
         model = graphopt.load(self.fp32)
@@ -230,21 +253,19 @@ def _activation_errors(fp32: bytes, quantized: bytes, inserted: Inserted, feeds)
         return []
     names = list(inserted.activations)
     dq_names = [inserted.activations[n][0] for n in names]
-    signal: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    noise: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    import onnx
-
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
     for ref, got in zip(run_exposed(onnx.load_from_string(fp32), names, feeds),
                         run_exposed(onnx.load_from_string(quantized), dq_names, feeds), strict=True):
         for name, dq in zip(names, dq_names, strict=True):
-            signal[name].append(np.ravel(ref[name]))
-            noise[name].append(np.ravel(got[dq]))
+            r = np.asarray(ref[name], np.float64)
+            signal[name] += float(np.vdot(r, r))
+            noise[name] += float(np.sum((r - got[dq]) ** 2))
     rows = []
     for name in names:
         dq, cand, qp = inserted.activations[name]
         node, op = (cand.node.name, cand.node.op_type) if cand is not None else ("", "")
-        rows.append(LayerError(name, node, op, "activation",
-                               sqnr_db(np.concatenate(signal[name]), np.concatenate(noise[name])),
-                               float(qp.scale), str(qp.dtype)))
+        sqnr = 10 * math.log10(max(signal[name], 1e-30) / noise[name]) if noise[name] > 0 else math.inf
+        rows.append(LayerError(name, node, op, "activation", sqnr, float(qp.scale), str(qp.dtype)))
     return rows
 

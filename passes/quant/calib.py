@@ -13,10 +13,10 @@ import onnx
 
 from graphopt.ir import Model
 from graphopt.onnx_io import to_proto_without_weights
-from graphopt.passes.prune.calib import CalibrationError, CalibSource, batches
+from graphopt.passes.prune.calib import CalibrationError, CalibSource
 from graphopt.passes.prune.calib import load_calibration as _load_checked
 
-__all__ = ["CalibSource", "CalibrationError", "batches", "load_calibration"]
+__all__ = ["CalibSource", "CalibrationError", "load_calibration"]
 
 
 def load_calibration(source: CalibSource | Iterable[Mapping[str, np.ndarray]], model: Model | onnx.ModelProto,

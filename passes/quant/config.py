@@ -43,7 +43,10 @@ class QuantConfig:
         the whole model is not slower than fp32.
     op_types: op types to quantize; None means those the measured table says pay.
     nodes_to_exclude: node names always kept in float.
-    calib_samples: use at most this many calibration samples.
+    calib_samples: use at most this many calibration samples (all of them calibrate the ranges).
+    eval_samples: the output error (report, budget) is measured on the first this many of them, and each
+        layer's sensitivity on the first ``sensitivity_samples`` (running every variant on all samples
+        would make quantizing a large model take minutes).
     fuse: run graphopt's fusion pipeline (level "fuse": Conv+BN and friends) first.
     """
 
@@ -61,6 +64,7 @@ class QuantConfig:
     op_types: Sequence[str] | None = None
     nodes_to_exclude: Sequence[str] = ()
     calib_samples: int = 256
+    eval_samples: int = 32
     sensitivity_samples: int = 16
     fuse: bool = True
     progress: bool = False
@@ -78,5 +82,5 @@ class QuantConfig:
             raise GraphoptError("a user metric needs max_error (the budget it is compared with)")
         if not 0 < self.percentile <= 100:
             raise GraphoptError(f"percentile must be in (0, 100], got {self.percentile}")
-        if self.calib_samples < 1 or self.sensitivity_samples < 1:
-            raise GraphoptError("calib_samples and sensitivity_samples must be at least 1")
+        if min(self.calib_samples, self.eval_samples, self.sensitivity_samples) < 1:
+            raise GraphoptError("calib_samples, eval_samples and sensitivity_samples must be at least 1")

@@ -124,12 +124,12 @@ def _entropy(h: Histogram, levels: int) -> tuple[float, float]:
         ref = p_all[inside].copy()
         ref[0] += p_all[centers < lo].sum()  # clipped mass lands on the edges
         ref[-1] += p_all[centers > hi].sum()
-        chunks = np.array_split(np.arange(len(ref)), min(levels, len(ref)))
-        cand = np.zeros_like(ref)
-        for chunk in chunks:
-            nonzero = p_all[inside][chunk] > 0
-            if nonzero.any():
-                cand[chunk[nonzero]] = p_all[inside][chunk].sum() / nonzero.sum()
+        inner = p_all[inside]
+        starts = np.array([c[0] for c in np.array_split(np.arange(len(ref)), min(levels, len(ref)))])
+        sums = np.add.reduceat(inner, starts)
+        nonzero = np.add.reduceat((inner > 0).astype(np.float64), starts)
+        chunk = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(ref))))
+        cand = np.where(inner > 0, sums[chunk] / np.maximum(nonzero[chunk], 1), 0.0)
         kl = _kl(ref, cand)
         if kl < best_kl:
             best, best_kl = (lo, hi), kl
