@@ -92,12 +92,16 @@ class Scope:
 def rename_blocker(value: Value, graph: Graph, scope: Scope) -> str | None:
     """Why ``value`` cannot take over the name of one of ``graph``'s outputs (None: it can)."""
     producer = value.producer
+    if id(value) in scope.outputs(graph):
+        return f"{value.name!r} is itself a graph output"
     if producer is None or producer.graph is not graph:
         if value.graph is not graph:
             return f"{value.name!r} is defined outside this graph"
-        return f"{value.name!r} is an initializer" if value.const is not None else f"{value.name!r} is a graph input"
-    if id(value) in scope.outputs(graph):
-        return f"{value.name!r} is itself a graph output"
+        if value.const is not None:
+            return f"{value.name!r} is an initializer"
+        if graph.parent is None:
+            return f"{value.name!r} is a graph input"
+        return None  # a Loop/Scan body's input: bodies bind inputs and outputs by position, not by name
     return None
 
 

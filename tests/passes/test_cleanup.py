@@ -104,6 +104,30 @@ def test_identity_inside_subgraph_reading_outer_value_is_kept_but_others_go():
         np.testing.assert_array_equal(run(original, inputs)[0], run(graphopt.to_bytes(result.model), inputs)[0])
 
 
+def test_identity_passing_a_loop_body_input_to_an_output_goes():
+    # bodies bind their inputs and outputs by position: the output may be the input itself
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3] x, bool keep) => (float[N, 3] y) {
+        trips = Constant <value = int64 {3}> ()
+        y = Loop (trips, keep, x) <
+            body = b (int64 i, bool c, float[N, 3] h) => (bool c_out, float[N, 3] h_out) {
+                c_out = Identity(c)
+                h_out = Tanh(h)
+            }
+        >
+    }
+    """
+    original, result = optimized(text)
+    (loop,) = [n for n in result.model.graph if n.op_type == "Loop"]
+    (body,) = loop.subgraphs()
+    assert [n.op_type for n in body] == ["Tanh"]
+    assert body.outputs[0] is body.inputs[1]
+    for keep in (True, False):
+        inputs = {"x": np.array([[-1, 0, 2]], np.float32), "keep": np.array(keep)}
+        np.testing.assert_array_equal(run(original, inputs)[0], run(graphopt.to_bytes(result.model), inputs)[0])
+
+
 def test_unused_initializers_removed_but_input_backed_ones_kept():
     text = """
     <ir_version: 4, opset_import: ["" : 9]>
