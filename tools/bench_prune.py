@@ -16,13 +16,19 @@ What is measured, per model:
   ...), medians; ratios are against the unpruned model in the same run. ResNet-50 (224x224) at 50 % FLOPs
   too, since the small 64x64 nets are too small for latency to mean much.
 * torch-pruning (if installed: ``pip install torch-pruning``, a benchmark-only dependency) on the same
-  PyTorch digits CNN, rebuilt deterministically by the zoo, at the same per-layer ratio with group L1
+  PyTorch digits CNN, loaded with the ONNX model's own weights, at the same per-layer ratio with group L1
   importance, the same layers protected (first conv, classifier output), no fine-tuning.
 
-Variants: ``l1`` (data-free, no reconstruction), ``l1+refit`` (same channels, then least-squares refit on
-calibration data), ``recon+refit`` (channels ranked by the error left after refitting, then refit), and
-both ends again with kept channel counts rounded down to multiples of 8 (``--round 8``): onnxruntime's
-blocked conv kernels run odd channel counts slowly, which can make a pruned net *slower*.
+Variants: ``l1`` (data-free, nothing refit), ``l1+bn`` (same channels, BatchNorm statistics re-estimated on
+calibration data, nothing else), ``l1+refit`` (least-squares refit of the layers that lost inputs, BN
+statistics left), ``l1+refit+bn`` (both: what ``graphopt prune --calib`` does by default), ``recon+refit+bn``
+(channels ranked by the error left after refitting), and both ends again with kept channel counts rounded
+down to multiples of 8 (``--round 8``): onnxruntime's blocked conv kernels run odd channel counts slowly,
+which can make a pruned net *slower*.
+
+torch-pruning rows: at the same per-layer ratio and at the same FLOPs target (each tool bisecting its own
+uniform ratio on Conv+Linear MACs), with and without BN re-estimation (PyTorch: train-mode running statistics
+over the same calibration images; graphopt: ``l1+bn``). Params exclude BN running mean/var on both sides.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
@@ -45,8 +52,16 @@ from tools.zoo import MODELS, build, load_data, make_inputs
 
 log = logging.getLogger("bench_prune")
 TARGETS = (0.7, 0.5, 0.3)
-VARIANTS = {"l1": ("l1", False, 1), "l1+refit": ("l1", True, 1), "recon+refit": ("recon", True, 1),
-            "l1 --round 8": ("l1", False, 8), "recon+refit --round 8": ("recon", True, 8)}
+# variant -> PruneConfig fields; "calib" marks the variants that get calibration data
+VARIANTS = {
+    "l1": {},
+    "l1+bn": {"calib": True, "reconstruct": False},
+    "l1+refit": {"calib": True, "bn_stats": "off"},
+    "l1+refit+bn": {"calib": True},
+    "recon+refit+bn": {"calib": True, "criterion": "recon"},
+    "l1 --round 8": {"round_to": 8},
+    "recon+refit+bn --round 8": {"calib": True, "criterion": "recon", "round_to": 8},
+}
 
 
 def session(model: bytes | str) -> ort.InferenceSession:
@@ -107,11 +122,12 @@ def bench_model(name: str, calib, held: list[dict], score: Callable[[np.ndarray,
     rows.append({"model": name, "target": 1.0, "variant": "unpruned", **score(ref, ref), "macs": None,
                  "params": sum(v.const.size for v in base.graph.initializers.values())})
     for target in TARGETS:
-        for variant, (criterion, refit, round_to) in VARIANTS.items():
+        for variant, fields in VARIANTS.items():
             model = graphopt.load(original)
+            fields = dict(fields)
+            data_for = calib if fields.pop("calib", False) else None
             start = time.perf_counter()
-            report = prune(model, PruneConfig(flops=target, criterion=criterion, calib=calib if refit else None,
-                                              reconstruct=refit, round_to=round_to))
+            report = prune(model, PruneConfig(flops=target, calib=data_for, **fields))
             seconds = time.perf_counter() - start
             data = graphopt.to_bytes(model)
             key = f"{target}/{variant}"
@@ -186,11 +202,85 @@ def resnet50_rows(rows: list[dict]) -> None:
                      "latency_x": lat[key] / lat["unpruned"]})
 
 
+def torch_macs(model, example) -> float:
+    """Conv and Linear multiply-accumulates per sample (what graphopt's cost model counts)."""
+    import torch
+
+    total = [0.0]
+
+    def hook(module, _inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            total[0] += output[0].numel() * module.weight[0].numel()
+        else:
+            total[0] += module.weight.numel()
+
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    with torch.no_grad():
+        model(example)
+    for handle in handles:
+        handle.remove()
+    return total[0]
+
+
+def torch_prune(trained, width: int, ratio: float):
+    """A fresh copy of the trained digits CNN pruned by torch-pruning at ``ratio`` (group L1, same protected
+    layers as graphopt's defaults: the first conv and the classifier output)."""
+    import torch
+    import torch_pruning as tp
+
+    from tools.zoo.vision import DigitsCNN
+
+    model = DigitsCNN(width)
+    model.load_state_dict(trained.state_dict())
+    model.eval()
+    pruner = tp.pruner.MagnitudePruner(model, torch.zeros(1, 1, 8, 8),
+                                       importance=tp.importance.GroupMagnitudeImportance(p=1), pruning_ratio=ratio,
+                                       ignored_layers=[model.features[0], model.classifier[4]])
+    pruner.step()
+    return model
+
+
+def torch_ratio_for_flops(trained, width: int, target: float) -> float:
+    """The smallest uniform torch-pruning ratio keeping at most ``target`` of the MACs (bisection, as graphopt's
+    ``--flops`` does on its own cost model)."""
+    import torch
+
+    example = torch.zeros(1, 1, 8, 8)
+    budget = target * torch_macs(trained, example)
+    low, high = 0.0, 0.9
+    for _ in range(30):
+        mid = (low + high) / 2
+        if torch_macs(torch_prune(trained, width, mid), example) <= budget:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def bn_recalibrated(model, images: np.ndarray):
+    """PyTorch's own BN re-estimation (adaptive BN): cumulative batch statistics over the calibration images."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(images), 64):
+            model(torch.from_numpy(images[i: i + 64]))
+    model.eval()
+    return model
+
+
 def torch_pruning_rows(rows: list[dict], ratios=(0.5, 0.3)) -> None:
-    """torch-pruning vs graphopt on the same PyTorch digits CNN, same ratio, group L1, no fine-tuning."""
+    """torch-pruning vs graphopt on the same PyTorch digits CNN, group L1, no fine-tuning: at the same per-layer
+    ratio, and at the same FLOPs target (each tool finding its own uniform ratio); with BN re-estimation on
+    calibration data on both sides (PyTorch's train-mode statistics vs graphopt's)."""
     try:
         import torch
-        import torch_pruning as tp
+        import torch_pruning  # noqa: F401
     except ImportError as exc:
         rows.append({"model": "torch-pruning", "variant": f"not installed ({exc})"})
         return
@@ -198,31 +288,53 @@ def torch_pruning_rows(rows: list[dict], ratios=(0.5, 0.3)) -> None:
 
     from tools.zoo.data import digits_split
     from tools.zoo.registry import DIGITS
-    from tools.zoo.vision import DigitsCNN, accuracy, make_digits
+    from tools.zoo.vision import DigitsCNN, accuracy
 
     test = load_data("digits")
-    trained, _ = make_digits(DIGITS)
     original = open(build("digits_cnn_torchscript"), "rb").read()
+    trained = DigitsCNN(DIGITS["width"])  # the very weights graphopt prunes: the export kept the state_dict names
+    state = {i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).copy())
+             for i in onnx.load_from_string(original).graph.initializer}
+    missing = trained.load_state_dict(state, strict=False).missing_keys
+    if any(not k.endswith("num_batches_tracked") for k in missing):
+        raise RuntimeError(f"digits ONNX initializers do not cover the PyTorch model: {missing}")
+    trained.eval()
+    rows.append({"model": "digits (PyTorch)", "target": 1.0, "variant": "unpruned (the ONNX model's weights)",
+                 "top1": accuracy(trained, test["images"], test["labels"]), "macs": 1.0})
     calib = {"images": digits_split(0)["train_images"][:512]}
-    for ratio in ratios:
-        model = DigitsCNN(DIGITS["width"])
-        model.load_state_dict(trained.state_dict())
-        model.eval()
-        pruner = tp.pruner.MagnitudePruner(model, torch.zeros(1, 1, 8, 8),
-                                           importance=tp.importance.GroupMagnitudeImportance(p=1),
-                                           pruning_ratio=ratio,
-                                           ignored_layers=[model.features[0], model.classifier[4]])
-        pruner.step()
-        params = sum(v.numel() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked"))
-        rows.append({"model": "digits (PyTorch)", "target": ratio, "params": params,
-                     "variant": f"torch-pruning {version('torch-pruning')}",
-                     "top1": accuracy(model, test["images"], test["labels"])})
-        for variant, refit in (("graphopt l1", False), ("graphopt l1+refit", True)):
+    example = torch.zeros(1, 1, 8, 8)
+    macs0 = torch_macs(trained, example)
+    tp_name = f"torch-pruning {version('torch-pruning')}"
+    cases = [("ratio", r, r) for r in ratios] + [("flops", f, torch_ratio_for_flops(trained, DIGITS["width"], f))
+                                                 for f in TARGETS]
+    for kind, target, ratio in cases:
+        label = f"ratio {target:g}" if kind == "ratio" else f"flops {target:g}"
+        for recal in (False, True):
+            model = torch_prune(trained, DIGITS["width"], ratio)
+            if recal:
+                model = bn_recalibrated(model, calib["images"])
+            params = sum(v.numel() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")
+                         and not k.endswith(("running_mean", "running_var")))
+            rows.append({"model": "digits (PyTorch)", "target": label, "params": params,
+                         "variant": tp_name + (" + BN recal" if recal else "") + f" (ratio {ratio:.3f})",
+                         "macs": torch_macs(model, example) / macs0,
+                         "top1": accuracy(model, test["images"], test["labels"])})
+        for variant, calibrated, refit in (("graphopt l1", False, False), ("graphopt l1+bn", True, False),
+                                           ("graphopt l1+refit+bn", True, True)):
             pruned = graphopt.load(original)
-            report = prune(pruned, PruneConfig(ratio=ratio, calib=calib if refit else None, reconstruct=refit))
+            config = PruneConfig(calib=calib if calibrated else None, reconstruct=refit,
+                                 **({"ratio": target} if kind == "ratio" else {"flops": target}))
+            report = prune(pruned, config)
             logits = session(graphopt.to_bytes(pruned)).run(None, {"images": test["images"]})[0]
-            rows.append({"model": "digits (ONNX)", "target": ratio, "variant": variant, "macs": report.macs_kept,
-                         "top1": float((logits.argmax(1) == test["labels"]).mean()), "params": report.params_after})
+            rows.append({"model": "digits (ONNX)", "target": label, "macs": report.macs_kept,
+                         "variant": f"{variant} (ratio {report.ratio:.3f})",
+                         "top1": float((logits.argmax(1) == test["labels"]).mean()),
+                         "params": report.params_after - _bn_stats_params(pruned)})
+
+
+def _bn_stats_params(model: graphopt.Model) -> int:
+    """Running mean/var elements: buffers, not parameters, in PyTorch's count."""
+    return sum(n.inputs[i].const.size for n in model.graph if n.op_type == "BatchNormalization" for i in (3, 4))
 
 
 def render(rows: list[dict]) -> Table:
@@ -230,7 +342,7 @@ def render(rows: list[dict]) -> Table:
                   title="graphopt prune (FLOPs target = fraction of MACs kept; torch-pruning rows: per-layer ratio)")
 
     def fmt(value, spec):
-        return "" if value is None else format(value, spec)
+        return "" if value is None else value if isinstance(value, str) else format(value, spec)
 
     for r in rows:
         table.add_row(r["model"], fmt(r.get("target"), "g"), r["variant"], fmt(r.get("top1"), ".4f"),

@@ -33,6 +33,7 @@ from .importance import CRITERIA, importance
 from .plan import choose, plan_flops, plan_ratio
 from .probe import ShapeTable, probe_inputs, probe_shapes
 from .reconstruct import reconstruct
+from .renorm import BN_STATS
 from .report import GroupReport, PruneReport
 from .rules import X_IN, Y_OUT
 
@@ -53,7 +54,8 @@ class PruneConfig:
     calib: CalibSource | None = None  # .npz, folder of .npz, or iterable of feed dicts
     calib_samples: int = 256
     calib_batch: int = 16
-    reconstruct: bool | None = None  # None: on when calibration data is given
+    reconstruct: bool | None = None  # least-squares refit; None: on when calibration data is given
+    bn_stats: str = "variance"  # re-estimate BN statistics on calibration data: variance | mean | off
     sequential: bool = True  # refit from the already-refit pruned model (else from the original's activations)
     max_rows: int = 4096  # least-squares rows sampled per layer
     max_ratio: float = 0.9  # the highest per-group ratio a FLOPs target may use
@@ -73,6 +75,8 @@ class PruneConfig:
             raise GraphoptError(f"unknown criterion {self.criterion!r}", hint=f"use one of {', '.join(CRITERIA)}")
         if self.round_to < 1:
             raise GraphoptError(f"round must be at least 1, got {self.round_to}")
+        if self.bn_stats not in BN_STATS:
+            raise GraphoptError(f"unknown bn_stats {self.bn_stats!r}", hint=f"use one of {', '.join(BN_STATS)}")
         if self.reconstruct and self.calib is None:
             raise GraphoptError("reconstruction needs calibration data", hint="pass calib (--calib DATA)")
 
@@ -107,14 +111,15 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
     macs1, params1 = model_cost(analysis, removed)
     apply_removal(analysis, kept)
     do_refit = config.reconstruct if config.reconstruct is not None else bool(feeds)
-    refits = []
-    if do_refit and kept:
-        refits = reconstruct(model, original, shapes, kept, feeds, max_rows=config.max_rows,
-                             sequential=config.sequential, seed=config.seed)
+    renorm = None if config.bn_stats == "off" or not feeds else config.bn_stats
+    refits, renorms = [], []
+    if (do_refit or renorm) and kept:
+        refits, renorms = reconstruct(model, original, shapes, kept, feeds, refit=do_refit, renorm=renorm,
+                                      max_rows=config.max_rows, sequential=config.sequential, seed=config.seed)
     for name in ("eliminate-dead-nodes", "remove-unused-initializers"):
         get_pass(name).run(model, PassContext())
     report = PruneReport(macs0, macs1, params0, params1, plan.ratio, target, config.criterion, rows, refits,
-                         bool(refits), len(samples))
+                         bool(refits), len(samples), renorms=renorms)
     if config.flops is not None and macs1 > config.flops * macs0 * 1.001:
         report.notes.append(f"FLOPs target not reached: blocked groups keep {100 * macs1 / macs0:.1f}% of the MACs")
     if config.verify:

@@ -15,6 +15,7 @@ from rich.console import Console
 from graphopt.errors import GraphoptError
 
 from .importance import CRITERIA
+from .renorm import BN_STATS
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     protect = [p.strip() for p in (args.protect or "").split(",") if p.strip()]
     config = PruneConfig(ratio=args.ratio, flops=args.flops, criterion=args.criterion, round_to=args.round,
                          protect=protect, calib=args.calib, calib_samples=args.calib_samples,
-                         reconstruct=False if args.no_reconstruct else None, seed=args.seed)
+                         reconstruct=False if args.no_reconstruct else None, bn_stats=args.bn_stats, seed=args.seed)
     console = Console(stderr=True, highlight=False)
     status = console.status("pruning") if console.is_terminal else None
     model = graphopt.load(args.model)
@@ -67,6 +68,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--protect", metavar="NODE,...", help="node names whose output channels stay (besides the "
                                                          "first conv and the output layers)")
     p.add_argument("--no-reconstruct", action="store_true", help="do not refit layers on the calibration data")
+    p.add_argument("--bn-stats", choices=BN_STATS, default="variance",
+                   help="with --calib, re-estimate BatchNorm statistics (or the per-channel scale/shift of a BN "
+                        "folded into its conv) so channel means and stds match the unpruned model's (default "
+                        "variance; mean: shift only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_prune)

@@ -31,6 +31,7 @@ from .apply import set_const
 from .calib import Sample, run_exposed
 from .groups import DimKey
 from .probe import ShapeTable
+from .renorm import Moments, RenormResult, RenormTarget, channels_of, correct, renorm_targets
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +54,9 @@ class _Target:
     wave: int
 
 
-def targets(model: Model, shapes: ShapeTable, kept: Mapping[DimKey, np.ndarray],
-            sequential: bool = True) -> list[_Target]:
-    """Layers whose input channels were pruned, with the wave each is refit in."""
-    found, level = [], {}
-    for node in model.graph:
-        upstream = max((level.get(id(v.producer), 0) for v in node.inputs if v is not None and v.producer), default=0)
-        target = _as_target(node, shapes, kept)
-        if target is not None:
-            target.wave = upstream + 1 if sequential else 1
-            found.append(target)
-            level[id(node)] = target.wave
-        else:
-            level[id(node)] = upstream
-    return found
+def targets(model: Model, shapes: ShapeTable, kept: Mapping[DimKey, np.ndarray]) -> list[_Target]:
+    """Layers whose input channels were pruned (their waves are set by ``schedule``)."""
+    return [t for t in (_as_target(node, shapes, kept) for node in model.graph) if t is not None]
 
 
 def _as_target(node: Node, shapes: ShapeTable, kept: Mapping[DimKey, np.ndarray]) -> _Target | None:
@@ -258,23 +248,49 @@ def write(node: Node, w: np.ndarray, b: np.ndarray | None) -> None:
             set_const(_own(graph, add, slot), (old + b.reshape(old.shape)).astype(old.dtype))
 
 
+def schedule(model: Model, refits: Sequence[_Target], renorms: Sequence[RenormTarget], sequential: bool) -> None:
+    """Give every target its wave: one after the latest target upstream of it, so each wave reads activations
+    already corrected by the waves before (refit targets all in wave 1 when not ``sequential``)."""
+    by_node: dict[int, object] = {id(t.node): t for t in renorms}
+    by_node.update({id(t.node): t for t in refits})
+    level: dict[int, int] = {}
+    for node in model.graph:
+        upstream = max((level.get(id(v.producer), 0) for v in node.inputs if v is not None and v.producer), default=0)
+        target = by_node.get(id(node))
+        if target is not None:
+            target.wave = upstream + 1 if sequential or isinstance(target, RenormTarget) else 1
+        level[id(node)] = target.wave if target is not None else upstream
+
+
 def reconstruct(model: Model, original: onnx.ModelProto, shapes: ShapeTable, kept: Mapping[DimKey, np.ndarray],
-                feeds: Sequence[Sample], *, max_rows: int = 4096, sequential: bool = True,
-                seed: int = 0) -> list[RefitResult]:
-    """Refit every layer that lost input channels (see the module docstring); returns per-layer errors."""
-    found = targets(model, shapes, kept, sequential)
-    results = []
+                feeds: Sequence[Sample], *, refit: bool = True, renorm: str | None = "variance",
+                max_rows: int = 4096, sequential: bool = True,
+                seed: int = 0) -> tuple[list[RefitResult], list[RenormResult]]:
+    """Refit every layer that lost input channels (see the module docstring), then or in between re-estimate
+    BatchNorm statistics (``renorm``: "variance" matches mean and std, "mean" only the mean, None skips; see
+    ``renorm.py``). Returns per-layer refit errors and per-layer statistics before re-estimation."""
+    found = targets(model, shapes, kept) if refit else []
+    fixes = renorm_targets(model, {id(t.node) for t in found}) if renorm else []
+    schedule(model, found, fixes, sequential)
+    refits, renorms = [], []
     per_batch = max(1, -(-max_rows // max(len(feeds), 1)))
-    for wave in sorted({t.wave for t in found}):
+    for wave in sorted({t.wave for t in [*found, *fixes]}):
         group = [t for t in found if t.wave == wave]
-        source = onnx.load_from_string(graphopt.to_bytes(model)) if sequential else original
+        norms = [t for t in fixes if t.wave == wave]
+        pruned = onnx.load_from_string(graphopt.to_bytes(model))
+        from_pruned = [t.value.name for t in norms] + ([t.x.name for t in group] if sequential else [])
+        from_original = [t.node.outputs[0].name for t in group] + [t.value.name for t in norms]
+        if not sequential:
+            from_original += [t.x.name for t in group]
+        xs = run_exposed(pruned, from_pruned, feeds, label="pruned model (reconstruction)") if from_pruned \
+            else ({} for _ in feeds)
+        ys = run_exposed(original, from_original, feeds, label="model (reconstruction)")
         rows: list[tuple[list, list]] = [([], []) for _ in group]
-        xs = run_exposed(source, [t.x.name for t in group], feeds, label="pruned model (reconstruction)")
-        ys = run_exposed(original, [t.node.outputs[0].name for t in group], feeds, label="model (reconstruction)")
+        moments = [(Moments(), Moments(channels=channels_of(t, kept))) for t in norms]
         for batch, (vx, vy) in enumerate(zip(xs, ys, strict=True)):
             for index, t in enumerate(group):
                 rng = np.random.default_rng([seed, wave, index, batch])
-                x, y = vx[t.x.name], vy[t.node.outputs[0].name]
+                x, y = (vx if sequential else vy)[t.x.name], vy[t.node.outputs[0].name]
                 if not sequential:
                     x = np.take(x, kept[(t.x.name, t.axis)], axis=t.axis)
                 out_axis = 1 if t.node.op_type in ("Conv", "Gemm") else y.ndim - 1
@@ -286,9 +302,14 @@ def reconstruct(model: Model, original: onnx.ModelProto, shapes: ShapeTable, kep
                     rx, ry = dense_rows(x, y, t.axis, per_batch, rng)
                 rows[index][0].append(rx)
                 rows[index][1].append(ry)
+            for t, (mp, mo) in zip(norms, moments, strict=True):
+                mp.add(vx[t.value.name])
+                mo.add(vy[t.value.name])
         for t, (rx, ry) in zip(group, rows, strict=True):
-            results.append(_refit(t.node, np.concatenate(rx), np.concatenate(ry), seed))
-    return results
+            refits.append(_refit(t.node, np.concatenate(rx), np.concatenate(ry), seed))
+        for t, (mp, mo) in zip(norms, moments, strict=True):
+            renorms.append(correct(t, mp, mo, variance=renorm == "variance"))
+    return refits, renorms
 
 
 def _refit(node: Node, x: np.ndarray, y: np.ndarray, seed: int) -> RefitResult:

@@ -8,6 +8,7 @@ from rich.console import Group
 from rich.table import Table
 
 from .reconstruct import RefitResult
+from .renorm import RenormResult
 
 
 @dataclass
@@ -51,6 +52,7 @@ class PruneReport:
     calibration_samples: int = 0
     output_sqnr_db: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    renorms: list[RenormResult] = field(default_factory=list)  # BN statistics re-estimated, per layer
 
     @property
     def macs_kept(self) -> float:
@@ -96,6 +98,11 @@ def render(report: PruneReport) -> Group:
         improved = sum(r.error_after < r.error_before for r in report.refits)
         totals.add_row("reconstruction", f"{improved}/{len(report.refits)} layers refit on "
                                          f"{report.calibration_samples} calibration samples")
+    if report.renorms:
+        bn = sum(r.kind == "batchnorm" for r in report.renorms)
+        worst = max(report.renorms, key=lambda r: r.mean_shift)
+        totals.add_row("BN statistics", f"re-estimated for {bn} BatchNorm and {len(report.renorms) - bn} folded "
+                                        f"layers; largest mean shift {worst.mean_shift:.2f} std ({worst.node})")
     for name, sqnr in report.output_sqnr_db.items():
         totals.add_row(f"SQNR {name}", f"{sqnr:.1f} dB vs the unpruned model on the calibration data")
     for note in report.notes:
