@@ -24,7 +24,7 @@ from .config import QuantConfig
 from .dynamic import insert_dynamic
 from .evaluate import Outputs, latency_ms, metric_value, output_errors, run_outputs, session
 from .observe import float_tensors, observe, progress_bar
-from .optable import STATIC_KINDS, WEIGHT_KINDS, paying_kinds, speedup
+from .optable import STATIC_KINDS, WEIGHT_KINDS, fused_kinds, speedup
 from .plan import Plan, make_plan
 from .qdq import Inserted, insert_static, insert_weight_only
 from .qparams import qrange
@@ -106,7 +106,7 @@ def _name_nodes(model: Model) -> None:
 
 
 def _kinds(config: QuantConfig) -> tuple[set[str], set[str], str]:
-    """(kinds the mode can quantize, kinds to quantize, why the others are not: LATENCY or EXCLUDED)."""
+    """(kinds the mode can quantize, kinds to quantize, why the others are not)."""
     if config.mode == "dynamic":
         allowed = {"MatMul", "Gemm"}
     elif config.mode == "weight_only":
@@ -122,9 +122,9 @@ def _kinds(config: QuantConfig) -> tuple[set[str], set[str], str]:
             raise GraphoptError(f"cannot quantize op types {sorted(unknown)} in {config.mode} mode",
                                 hint=f"supported: {', '.join(sorted({op_type(k) for k in allowed}))}")
         return allowed, {k for k in allowed if op_type(k) in config.op_types}, EXCLUDED
-    if config.mode == "static" and config.latency_aware:
-        return allowed, allowed & paying_kinds(), LATENCY
-    return allowed, allowed, LATENCY
+    if config.mode == "static":
+        return allowed, allowed & fused_kinds(), UNSUPPORTED
+    return allowed, allowed, UNSUPPORTED
 
 
 def _plan_and_ranges(model: Model, samples, config: QuantConfig

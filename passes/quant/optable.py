@@ -1,7 +1,11 @@
 """The measured per-op table (``int8_ops.json``, written by ``tools/measure_int8_ops.py`` on this machine).
 
 An op *kind* refines an op type where onnxruntime's int8 speed differs: dense, 1x1 and depthwise
-convolutions are different kernels (depthwise int8 ran slower than fp32 here).
+convolutions are different kernels. The table says which kinds onnxruntime fuses into int8 kernels and
+how fast each ran alone; alone is not in context (an int8 MaxPool ran 25x slower than fp32 in NCHW, but
+between int8 convs onnxruntime runs it in NHWC at full speed; int8 depthwise convs ran 0.74x alone and
+made MobileNetV2 faster in context), so the speed-ups only order which kinds the whole-model latency
+check gives up first.
 """
 
 from __future__ import annotations
@@ -44,12 +48,12 @@ def op_kind(node: Node) -> str | None:
     return node.op_type if node.op_type in STATIC_KINDS else None
 
 
-def paying_kinds(table: dict | None = None) -> set[str]:
-    """Kinds onnxruntime fused into an int8 kernel that beat fp32 on this machine."""
+def fused_kinds(table: dict | None = None) -> set[str]:
+    """Kinds onnxruntime turned into an int8 kernel here (whether that paid in isolation or not)."""
     table = load_table() if table is None else table
-    if not table:  # no measurements: the kinds known to pay on every x86 CPU (U8S8 GEMM-based kernels)
+    if not table:  # no measurements: the kinds onnxruntime fuses on every x86 CPU (U8S8 GEMM-based kernels)
         return {"Conv", "Conv1x1", "Gemm"}
-    return {k for k, v in table.items() if isinstance(v, dict) and v.get("pays")}
+    return {k for k, v in table.items() if isinstance(v, dict) and v.get("fused")}
 
 
 @functools.cache

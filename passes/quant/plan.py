@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from graphopt.ir import Model, Node, Value
 
-from .optable import WEIGHT_KINDS, op_kind, speedup
-from .report import EXCLUDED, LATENCY, UNSUPPORTED, FloatNode
+from .optable import WEIGHT_KINDS, op_kind
+from .report import EXCLUDED, UNSUPPORTED, FloatNode
 
 # Ops whose output is a relabelling of the input's elements: the output shares the input's scale, so
 # onnxruntime drops the DequantizeLinear/QuantizeLinear around them and no requantization happens.
@@ -86,10 +86,8 @@ def make_plan(model: Model, kinds: set[str], exclude: set[str] = frozenset(), we
             plan.kept_float.append(FloatNode(node.name, node.op_type, EXCLUDED, "nodes_to_exclude"))
             continue
         if kind not in kinds:
-            speed = speedup(kind)
-            detail = f"int8 {kind} ran {speed:.2f}x fp32 here (int8_ops.json)" if speed else f"{kind} not chosen"
-            plan.kept_float.append(FloatNode(node.name, node.op_type, LATENCY if why_not == LATENCY else EXCLUDED,
-                                             detail if why_not == LATENCY else "not in op_types"))
+            detail = "not in op_types" if why_not == EXCLUDED else "onnxruntime has no int8 kernel for it here"
+            plan.kept_float.append(FloatNode(node.name, node.op_type, why_not, detail))
             continue
         cand, why = _candidate(node, kind, weights_only)
         if cand is None:
