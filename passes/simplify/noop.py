@@ -256,6 +256,46 @@ def _merge_pair(site: Site) -> None:
         node.set_input(1, site.constant(np.asarray(axes, np.int64), "axes"))
 
 
+# -- a reduction with keepdims, then a view that drops the kept unit dims ------------------
+REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+              "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+
+
+def _reduce_then_drop(site: Site) -> str | None:
+    """The view at ``site`` only removes the unit dims its Reduce producer kept (keepdims=1)."""
+    reduce = site.producer(0, *REDUCE_OPS)
+    if reduce is None or reduce.inputs[0] is None:
+        return "the input is not a Reduce op"
+    if not reduce.attr("keepdims", 1):
+        return "the Reduce already drops its axes"
+    if len(reduce.outputs[0].uses()) != 1 or site.scope.is_output(reduce.outputs[0]):
+        return "the Reduce's output is used elsewhere"
+    source = symbolic_shape(reduce.inputs[0])
+    if source is None:
+        return "the Reduce's input rank is unknown"
+    axes = site.at(reduce).ints_or_attr(1, "axes")
+    if not axes:
+        if reduce.attr("noop_with_empty_axes", 0):
+            return "no axes and noop_with_empty_axes"
+        axes = list(range(len(source)))
+    axes = normalize_axes(axes, len(source))
+    if axes is None:
+        return "the axes are out of range"
+    kept = [1 if i in axes else d for i, d in enumerate(source)]
+    dropped = [d for i, d in enumerate(source) if i not in axes]
+    result = _view_result(site, kept)
+    if result is None or len(result) != len(dropped) or not all(map(same_dim, result, dropped)):
+        return "the view does not just drop the reduced dims"
+    return None
+
+
+def _drop_reduced_dims(site: Site):
+    reduce = site.producer(0, *REDUCE_OPS)
+    reduce.set_attr("keepdims", 0)
+    reduce.outputs[0].type = site.node.outputs[0].type
+    return reduce.outputs[0]
+
+
 # -- transposes ----------------------------------------------------------------------
 def _perm(site: Site) -> list[int] | None:
     """The permutation of the Transpose at ``site`` (the default reverses the dims: needs the rank)."""
@@ -423,6 +463,8 @@ NOOP_RULES = RuleTable([
     Rule("merge-squeezes", ("Squeeze", "Unsqueeze"), _same_pair, rewrite=_merge_pair,
          doc="Unsqueeze(Unsqueeze(x)) -> one Unsqueeze; Squeeze(Squeeze(x)) -> one Squeeze"),
     Rule("flatten-2d", ("Flatten",), _flatten_2d, target=_first),
+    Rule("reduce-keepdims-then-drop", ("Reshape", "Squeeze", "Flatten"), _reduce_then_drop,
+         rewrite=_drop_reduced_dims, doc="Reshape(ReduceMean(x, keepdims=1)) dropping the unit dims -> keepdims=0"),
     Rule("view-chain-to-reshape", ("Squeeze", "Unsqueeze", "Flatten"), _view_chain, rewrite=_view_chain_reshape,
          doc="two view ops -> one Reshape when the result shape is expressible"),
     Rule("transpose-identity", ("Transpose",), _transpose_identity, target=_first),

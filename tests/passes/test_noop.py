@@ -123,6 +123,13 @@ POSITIVE = [
         s = Constant <value = int64[2] {1, 4}> ()  a = Expand(x, s)  y = Relu(a) }""", ["Relu"]),
     ("tile-ones", """g (float[N, 4] x) => (float[N, 4] y) {
         r = Constant <value = int64[2] {1, 1}> ()  a = Tile(x, r)  y = Relu(a) }""", ["Relu"]),
+    ("reduce-keepdims-then-drop", """g (float[N, 8, 3, 3] x) => (float[N, 8] y) {
+        s = Constant <value = int64[2] {0, -1}> ()  m = ReduceMean <axes = [2, 3]> (x)  r = Reshape(m, s)
+        y = Relu(r) }""", ["ReduceMean", "Relu"]),
+    ("reduce-keepdims-then-drop", """g (float[N, 8, 3] x) => (float[8] y) {
+        ax = Constant <value = int64[2] {0, 2}> ()  m = ReduceSum(x, ax)  y = Squeeze(m, ax) }""", ["ReduceSum"]),
+    ("reduce-keepdims-then-drop", """g (float[N, 8, 3, 3] x) => (float[N, 8] y) {
+        m = ReduceMax <axes = [-1, -2]> (x)  y = Flatten(m) }""", ["ReduceMax"]),
     ("concat-single", "g (float[N, 4] x) => (float[N, 4] y) { a = Concat <axis = 0> (x)  y = Relu(a) }", ["Relu"]),
     ("split-single", """g (float[N, 4] x) => (float[N, 4] y) {
         a = Split <axis = 1> (x)  y = Relu(a) }""", ["Relu"]),
@@ -221,6 +228,11 @@ NEGATIVE = [
     ("merge-squeezes", """g (float[1, N, 4, 1] x) => (float[N, 4] y) {
         s = Squeeze(x)  y = Squeeze(s) }""", "a Squeeze has none: squeeze all"),
     ("flatten-2d", "g (float[N, 4, 2] x) => (float[N, 8] y) { y = Flatten(x) }", "not known to be 2-D"),
+    ("reduce-keepdims-then-drop", """g (float[N, 8, 3, 3] x) => (float[N, 8, 1] y) {
+        s = Constant <value = int64[3] {0, 8, 1}> ()  m = ReduceMean <axes = [2, 3]> (x)  y = Reshape(m, s) }""",
+     "does not just drop the reduced dims"),
+    ("reduce-keepdims-then-drop", """g (float[N, 8, 3, 3] x) => (float[N, 8] y, float[N, 8, 1, 1] z) {
+        z = ReduceMean <axes = [2, 3]> (x)  y = Flatten(z) }""", "used elsewhere"),
     ("transpose-identity", "g (float[N, 4] x) => (float[4, N] y) { y = Transpose <perm = [1, 0]> (x) }",
      "is not the identity"),
     ("transpose-pair-cancel", """g (float[N, 4, 3] x) => (float[3, 4, N] y) {
