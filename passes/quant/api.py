@@ -33,6 +33,7 @@ from .report import EXCLUDED, LATENCY, SENSITIVITY, UNSUPPORTED, FloatNode, Laye
 
 log = logging.getLogger(__name__)
 
+MIN_EVAL, EVAL_SECONDS = 8, 10.0  # the dynamic/weight-only reference stops after 10 s once it has 8 samples
 SQNR_SAMPLES = 2  # per-tensor SQNR runs both models with every quantized tensor exposed: a few samples
 
 Calibration = CalibSource | Iterable[Mapping[str, np.ndarray]]
@@ -175,9 +176,11 @@ class _Job:
 
     def __init__(self, fp32: bytes, config: QuantConfig, ranges, samples, reference: Outputs) -> None:
         self.fp32, self.config, self.ranges = fp32, config, ranges
-        self.eval_feeds = samples[: config.eval_samples]
-        self.sens_feeds = samples[: min(config.sensitivity_samples, config.eval_samples)]
-        self.reference = reference or run_outputs(session(fp32), self.eval_feeds, label="fp32 model")
+        if not reference:
+            reference = _timed_reference(fp32, samples[: config.eval_samples])
+        self.reference = reference
+        self.eval_feeds = samples[: len(reference)]
+        self.sens_feeds = samples[: min(config.sensitivity_samples, len(reference))]
 
     def build(self, selected: set[str]) -> tuple[bytes, Inserted]:
         model = graphopt.load(self.fp32)
@@ -201,6 +204,19 @@ class _Job:
             feeds = self.eval_feeds if full else self.sens_feeds
             return self.error(run_outputs(model, feeds), subset=not full)
         return score
+
+
+def _timed_reference(fp32: bytes, samples) -> Outputs:
+    """fp32 outputs of the first samples, stopping early on a slow model (at least MIN_EVAL of them):
+    every later step runs each candidate model on as many samples."""
+    sess = session(fp32)
+    outputs: Outputs = []
+    start = time.perf_counter()
+    for sample in samples:
+        outputs += run_outputs(sess, [sample], label="fp32 model")
+        if len(outputs) >= MIN_EVAL and time.perf_counter() - start > EVAL_SECONDS:
+            break
+    return outputs
 
 
 def _fit_budget(job: _Job, plan: Plan, selected: set[str], report: QuantReport) -> set[str]:

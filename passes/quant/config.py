@@ -39,14 +39,16 @@ class QuantConfig:
         "cosine" means 1 - mean cosine similarity, "rel_l2" the relative L2 error), or ``user_metric``.
         Layers are kept in float, most sensitive first, until the budget is met. None: quantize everything
         that pays.
-    latency_aware: leave ops in float where int8 does not pay on this machine (``int8_ops.json``) and check
-        the whole model is not slower than fp32.
-    op_types: op types to quantize; None means those the measured table says pay.
+    latency_aware: time the quantized model against fp32 here; while it is slower, give up the op kinds
+        whose int8 kernels ran slowest alone (``int8_ops.json``); nothing pays: the fp32 model comes back.
+    op_types: op types to quantize; None means every kind onnxruntime fuses into an int8 kernel here
+        (``int8_ops.json``), the latency check then giving up those that do not pay in this model.
     nodes_to_exclude: node names always kept in float.
     calib_samples: use at most this many calibration samples (all of them calibrate the ranges).
-    eval_samples: the output error (report, budget) is measured on the first this many of them, and each
-        layer's sensitivity on the first ``sensitivity_samples`` (running every variant on all samples
-        would make quantizing a large model take minutes).
+    eval_samples: the output error (report, budget) is measured on the first this many of them (in
+        dynamic/weight-only mode fewer, but at least 8, when the fp32 model needs over 10 s for them), and
+        each layer's sensitivity on the first ``sensitivity_samples``: running every variant on all
+        samples would make quantizing a large model take many minutes.
     fuse: run graphopt's fusion pipeline (level "fuse": Conv+BN and friends) first.
     """
 
