@@ -138,8 +138,6 @@ def _shape_entry_problem(view: NodeView, out_axis: int, same_axis_identity: bool
     """Why the Reshape's target entry for ``out_axis`` could not be rewritten after pruning (None: it can)."""
     if view.node.op_type != "Reshape":
         return None
-    if int(view.attr("allowzero", 0)):
-        return "Reshape with allowzero"
     shape_value = view.value(("in", 1))
     const = view.const(("in", 1))
     if const is not None:
@@ -155,6 +153,8 @@ def _shape_entry_problem(view: NodeView, out_axis: int, same_axis_identity: bool
         if piece.const is None:
             return "Reshape target entry for the channel axis is computed at runtime"
         entry = int(piece.const.numpy().reshape(-1)[0])
+    if entry == 0 and int(view.attr("allowzero", 0)):
+        return "Reshape with allowzero: a 0 entry is a literal empty dim"
     if entry == 0 and not same_axis_identity:
         return "Reshape copies this dim (0) from another input axis"
     return None

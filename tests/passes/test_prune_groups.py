@@ -143,6 +143,21 @@ def test_flatten_into_gemm_prunes_feature_blocks():
     assert weights(out)["fc.w"] == (10, 4 * 16)
 
 
+def test_allowzero_reshape_into_gemm():
+    """The dynamo exporter's Flatten: Reshape(allowzero=1) to a constant (-1, C*H*W). allowzero only changes what
+    a 0 entry means, so the feature blocks prune as after a Flatten."""
+    parts = [conv("c0", "x", 3, 8), ([], [numpy_helper.from_array(np.array([-1, 8 * 16], np.int64), "shape"),
+                                          numpy_helper.from_array(RNG.standard_normal((8 * 16, 10))
+                                                                  .astype(np.float32), "fc.w")])]
+    extra = [helper.make_node("Relu", ["c0"], ["r"]), helper.make_node("Reshape", ["r", "shape"], ["f"], allowzero=1),
+             helper.make_node("Gemm", ["f", "fc.w"], ["y"], name="fc")]
+    proto = model(parts, "y", (1, 10), in_shape=(1, 3, 4, 4), extra_nodes=extra)
+    g = group_with(groups_of(proto), "c0")
+    assert g.prunable, g.blocked
+    out, _ = pruned(proto, ratio=0.5)
+    assert weights(out)["fc.w"] == (4 * 16, 10)
+
+
 def test_batchnorm_parameters_follow_their_channels():
     bn = [numpy_helper.from_array(v.astype(np.float32), f"bn.{k}") for k, v in
           {"s": RNG.random(8) + 0.5, "b": RNG.standard_normal(8), "m": RNG.standard_normal(8), "v": RNG.random(8) + 0.5}
