@@ -43,8 +43,8 @@ class Plan:
                 names[cand.node.inputs[i].name] = None
             out = cand.node.outputs[0]
             users = out.users()
-            for user in users:  # absorbable activations and scale-sharing ops right after it
-                if user.op_type in ABSORBABLE + SHARE_SCALE:
+            for user in users:  # absorbable activations and scale-sharing ops right after it (same graph)
+                if user.op_type in ABSORBABLE + SHARE_SCALE and user.graph is cand.node.graph:
                     names[user.outputs[0].name] = None
             if not (absorb and absorbable_activation(out) is not None):
                 names[out.name] = None
@@ -54,7 +54,8 @@ class Plan:
 def absorbable_activation(out: Value) -> Node | None:
     """The Relu/Clip(0, max) that is ``out``'s only reader, if a QuantizeLinear on ``out`` can replace it."""
     users = out.users()
-    if len(out.uses()) != 1 or out.is_graph_output() or users[0].op_type not in ABSORBABLE:
+    if len(out.uses()) != 1 or out.is_graph_output() or users[0].op_type not in ABSORBABLE \
+            or users[0].graph is not out.graph:  # a reader inside an If/Loop body cannot be removed here
         return None
     act = users[0]
     if act.outputs[0].is_graph_output():

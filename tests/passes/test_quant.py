@@ -190,3 +190,16 @@ def test_minilm_dynamic_real_sentences(zoo):
            for r, g in zip(ref, got, strict=True)]
     assert np.mean(cos) >= 0.99
     assert report.latency_ms["quantized"] * 1.3 <= report.latency_ms["fp32"]
+
+
+@pytest.mark.parametrize("name", ["control_flow_torch_dynamo", "external_data", "sklearn_pipeline"])
+@pytest.mark.parametrize("mode", ["static", "weight_only"])
+def test_models_with_subgraphs_external_data_or_no_convs(zoo, name, mode):
+    """An activation read inside an If body is not absorbed or observed from the outer graph."""
+    calib = [zoo.make_inputs(zoo.MODELS[name], seed=i) for i in range(4)]
+    model, report = quantize(str(zoo.build(name)), calib, QuantConfig(mode=mode, latency_aware=False))
+    verify(model)
+    held = [zoo.make_inputs(zoo.MODELS[name], seed=40 + i) for i in range(2)]
+    errors = output_errors(run_outputs(str(zoo.build(name)), held), run_outputs(graphopt.to_bytes(model), held))
+    assert errors["cosine"] >= 0.999, errors
+    assert report.quantized_nodes >= 1
