@@ -95,10 +95,13 @@ _FILE_DIGESTS: weakref.WeakKeyDictionary[SourceTensor, dict[bool, bytes]] = weak
 def _digest(tensor: Tensor, sample: bool = False) -> bytes:
     if not isinstance(tensor, SourceTensor):
         return hashlib.blake2b(_raw(tensor, sample), digest_size=32).digest()
-    known = _FILE_DIGESTS.setdefault(tensor, {})
-    if sample not in known:
-        known[sample] = hashlib.blake2b(_raw(tensor, sample), digest_size=32).digest()
-    return known[sample]
+    known = _FILE_DIGESTS.get(tensor)
+    if known is None:
+        known = _FILE_DIGESTS[tensor] = {}
+    digest = known.get(sample)
+    if digest is None:
+        digest = known[sample] = hashlib.blake2b(_raw(tensor, sample), digest_size=32).digest()
+    return digest
 
 
 def _groups(items: list[_Constant], key) -> Iterator[list[_Constant]]:

@@ -21,13 +21,14 @@ import onnx
 from graphopt.ir import Model
 from graphopt.pipeline import Pass, PassContext, PassResult, register_pass
 
+from . import view_region
 from .rules import Rejection, Rule, RuleTable, Site
 from .util import normalize_axes, reshape_target, same_dim, symbolic_shape, view_shape
+from .view_region import VIEW_OPS
 
 log = logging.getLogger(__name__)
 
 INT64_MAX = 2**63 - 1
-VIEW_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
 
 _T = onnx.TensorProto
 _FLOATS = (_T.FLOAT16, _T.BFLOAT16, _T.FLOAT, _T.DOUBLE)
@@ -465,6 +466,8 @@ NOOP_RULES = RuleTable([
     Rule("flatten-2d", ("Flatten",), _flatten_2d, target=_first),
     Rule("reduce-keepdims-then-drop", ("Reshape", "Squeeze", "Flatten"), _reduce_then_drop,
          rewrite=_drop_reduced_dims, doc="Reshape(ReduceMean(x, keepdims=1)) dropping the unit dims -> keepdims=0"),
+    Rule("view-around-elementwise", VIEW_OPS, view_region.check, rewrite=view_region.rewrite,
+         doc="view2(f(view1(x))) -> f(x) for elementwise f when view2 gives back x's shape (GELU between Gemms)"),
     Rule("view-chain-to-reshape", ("Squeeze", "Unsqueeze", "Flatten"), _view_chain, rewrite=_view_chain_reshape,
          doc="two view ops -> one Reshape when the result shape is expressible"),
     Rule("transpose-identity", ("Transpose",), _transpose_identity, target=_first),

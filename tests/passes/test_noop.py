@@ -130,6 +130,11 @@ POSITIVE = [
         ax = Constant <value = int64[2] {0, 2}> ()  m = ReduceSum(x, ax)  y = Squeeze(m, ax) }""", ["ReduceSum"]),
     ("reduce-keepdims-then-drop", """g (float[N, 8, 3, 3] x) => (float[N, 8] y) {
         m = ReduceMax <axes = [-1, -2]> (x)  y = Flatten(m) }""", ["ReduceMax"]),
+    ("view-around-elementwise", """g (float[N, 6] x) => (float[N, 6] y) {
+        s3 = Constant <value = int64[3] {0, 2, 3}> ()  s2 = Constant <value = int64[2] {0, 6}> ()
+        h = Constant <value = float {0.5}> ()  k = Constant <value = float[1] {3}> ()
+        v = Reshape(x, s3)  p = Pow(v, k)  a = Add(v, p)  t = Tanh(a)  m = Mul(t, h)  r = Reshape(m, s2)
+        y = Neg(r) }""", ["Pow", "Add", "Tanh", "Mul", "Neg"]),
     ("concat-single", "g (float[N, 4] x) => (float[N, 4] y) { a = Concat <axis = 0> (x)  y = Relu(a) }", ["Relu"]),
     ("split-single", """g (float[N, 4] x) => (float[N, 4] y) {
         a = Split <axis = 1> (x)  y = Relu(a) }""", ["Relu"]),
@@ -233,6 +238,20 @@ NEGATIVE = [
      "does not just drop the reduced dims"),
     ("reduce-keepdims-then-drop", """g (float[N, 8, 3, 3] x) => (float[N, 8] y, float[N, 8, 1, 1] z) {
         z = ReduceMean <axes = [2, 3]> (x)  y = Flatten(z) }""", "used elsewhere"),
+    ("view-around-elementwise", """g (float[N, 6] x) => (float[N, 6] y, float[N, 2, 3] z) {
+        s3 = Constant <value = int64[3] {0, 2, 3}> ()  s2 = Constant <value = int64[2] {0, 6}> ()
+        v = Reshape(x, s3)  z = Tanh(v)  y = Reshape(z, s2) }""", "the input is used elsewhere"),
+    ("view-around-elementwise", """g (float[N, 6] x) => (float[N, 6] y) {
+        s3 = Constant <value = int64[3] {0, 2, 3}> ()  s2 = Constant <value = int64[2] {0, 6}> ()
+        c = Constant <value = float[3] {1, 2, 3}> ()
+        v = Reshape(x, s3)  a = Add(v, c)  y = Reshape(a, s2) }""", "c> is not elementwise"),
+    ("view-around-elementwise", """g (float[N, 6] x) => (float[6, N] y) {
+        s3 = Constant <value = int64[3] {0, 2, 3}> ()  s2 = Constant <value = int64[2] {6, -1}> ()
+        v = Reshape(x, s3)  a = Relu(v)  y = Reshape(a, s2) }""", "does not provably give back"),
+    ("view-around-elementwise", """g (float[N, 6] x) => (float[1, N, 6] y) {
+        s3 = Constant <value = int64[3] {0, 2, 3}> ()  s2 = Constant <value = int64[3] {1, -1, 6}> ()
+        c = Constant <value = float[1, 1, 1] {2}> ()
+        v = Reshape(x, s3)  a = Mul(v, c)  y = Reshape(a, s2) }""", "does not provably give back"),
     ("transpose-identity", "g (float[N, 4] x) => (float[4, N] y) { y = Transpose <perm = [1, 0]> (x) }",
      "is not the identity"),
     ("transpose-pair-cancel", """g (float[N, 4, 3] x) => (float[3, 4, N] y) {
