@@ -26,6 +26,7 @@ from .evaluate import Outputs, latency_ms, metric_value, output_errors, run_outp
 from .observe import float_tensors, observe, progress_bar
 from .optable import STATIC_KINDS, WEIGHT_KINDS, fused_kinds, speedup
 from .plan import Plan, make_plan
+from .prepare import spatial_means_to_pooling
 from .qdq import Inserted, insert_static, insert_weight_only
 from .qparams import qrange
 from .ranges import clip_range
@@ -53,6 +54,8 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     if config.fuse:
         graphopt.optimize(model, level="fuse")
     get_pass("lift-constants").run(model, PassContext())
+    if config.mode == "static":
+        spatial_means_to_pooling(model)
     _name_nodes(model)
     clock.lap("prepare")
     fp32 = to_bytes(model)

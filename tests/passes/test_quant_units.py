@@ -19,9 +19,9 @@ RNG = np.random.default_rng(0)
 EXACT = dict(latency_aware=False, fuse=False, op_types=["Conv", "Gemm", "MatMul", "Add"])
 
 
-def make_model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+def make_model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     onnx.checker.check_model(model)
     return model
 
@@ -180,3 +180,18 @@ def test_config_errors_are_user_errors():
         quantize(shared_weight_model(), samples((4, 32)), QuantConfig(method="kl"))
     with pytest.raises(graphopt.GraphoptError, match="cannot quantize op types"):
         quantize(shared_weight_model(), samples((4, 32)), QuantConfig(op_types=["Softmax"]))
+
+
+def test_spatial_mean_becomes_global_average_pool():
+    w = (RNG.standard_normal((8, 3, 3, 3)) / 5).astype(np.float32)
+    axes = np.array([-1, -2], np.int64)
+    proto = make_model([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+                        helper.make_node("ReduceMean", ["c", "axes"], ["y"], keepdims=0, name="mean")],
+                       [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 8])], {"w": w, "axes": axes}, opset=18)
+    calib = samples((1, 3, 8, 8))
+    model, _ = quantize(proto, calib, QuantConfig(latency_aware=False))
+    assert [n.op_type for n in model.graph if n.op_type in ("ReduceMean", "GlobalAveragePool", "Flatten")] == \
+        ["GlobalAveragePool", "Flatten"]
+    assert [o.name for o in model.graph.outputs] == ["y"]
+    ref, got = run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib)
+    assert output_errors(ref, got)["cosine"] > 0.999
