@@ -58,7 +58,7 @@ def metric_value(errors: Mapping[str, float], metric: str) -> float:
     return 1.0 - errors["cosine"] if metric == "cosine" else errors["rel_l2"]
 
 
-def latency_ms(models: Mapping[str, bytes], feed: Mapping[str, np.ndarray], seconds: float = 2.0,
+def latency_ms(models: Mapping[str, bytes], feed: Mapping[str, np.ndarray], seconds: float = 1.0,
                min_runs: int = 3) -> dict[str, float]:
     """Median latency of each model, the models interleaved run by run (A B A B ...) so drift hits all."""
     sessions = {k: session(m) for k, m in models.items()}

@@ -203,3 +203,19 @@ def test_models_with_subgraphs_external_data_or_no_convs(zoo, name, mode):
     errors = output_errors(run_outputs(str(zoo.build(name)), held), run_outputs(graphopt.to_bytes(model), held))
     assert errors["cosine"] >= 0.999, errors
     assert report.quantized_nodes >= 1
+
+
+def test_cli_dynamic_from_a_folder_of_samples_of_different_lengths(zoo, tmp_path, capsys):
+    name = "bert_dynamo"
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(6):
+        feeds = zoo.make_inputs(zoo.MODELS[name], seed=i, second=bool(i % 2))  # two sequence lengths
+        np.savez(folder / f"{i:03d}.npz", **feeds)
+    out = tmp_path / "q.onnx"
+    code = graphopt.cli.main(["quantize", str(zoo.build(name)), "-o", str(out), "--calib", str(folder),
+                              "--mode", "dynamic", "--no-latency-aware", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["samples"] == 6 and report["quantized_nodes"] > 0
+    assert report["output_error"]["cosine"] >= 0.99
+    assert "DynamicQuantizeMatMul" in {n.op_type for n in onnx.load(out).graph.node}
