@@ -11,8 +11,9 @@ and a latency check measured on this machine.
 
 ``calib``: a ``.npz`` path (arrays keyed by input name, samples stacked on a new leading axis), a folder
 of ``.npz`` files (one sample each; shapes may differ) or any iterable of ``{input_name: array}`` dicts.
-``quantize`` returns ``(graphopt Model, QuantReport)``; the input model is never modified. Modes:
-static QDQ (``qdq``), dynamic (``dynamic``), weight-only (``qdq.insert_weight_only``). See
+``quantize`` returns ``(graphopt Model, QuantReport)``; the input model is never modified. Modes
+(``QuantConfig.mode``): "static" QDQ, "dynamic" (DynamicQuantizeMatMul, for transformers) and
+"weight_only". ``report.to_json()`` for machines, ``rich.print(report)`` for people. See
 docs/quantize.md for the design and the measurements behind the defaults.
 """
 
