@@ -9,9 +9,10 @@ from graphopt.ir import Model, Node, Value
 from .optable import WEIGHT_KINDS, op_kind
 from .report import EXCLUDED, UNSUPPORTED, FloatNode
 
-# Ops whose output is a relabelling of the input's elements: the output shares the input's scale, so
-# onnxruntime drops the DequantizeLinear/QuantizeLinear around them and no requantization happens.
-SHARE_SCALE = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
+# Ops whose output values are a subset of the input's: the output shares the input's scale, so
+# onnxruntime drops the DequantizeLinear/QuantizeLinear around them (MaxPool: runs its uint8 kernel)
+# and no requantization happens.
+SHARE_SCALE = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool")
 # Activations a QuantizeLinear with zero point = qmin implements exactly (removed, range taken over).
 ABSORBABLE = ("Relu", "Clip")
 

@@ -195,3 +195,21 @@ def test_spatial_mean_becomes_global_average_pool():
     assert [o.name for o in model.graph.outputs] == ["y"]
     ref, got = run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib)
     assert output_errors(ref, got)["cosine"] > 0.999
+
+
+def test_maxpool_and_reshape_share_their_input_scale():
+    w1 = (RNG.standard_normal((8, 3, 3, 3)) / 5).astype(np.float32)
+    w2 = (RNG.standard_normal((32, 10)) / 5).astype(np.float32)
+    shape = np.array([1, 32], np.int64)
+    proto = make_model([helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+                        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+                        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[4, 4], strides=[4, 4], name="pool"),
+                        helper.make_node("Reshape", ["p", "shape"], ["f"], name="flat"),
+                        helper.make_node("Gemm", ["f", "w2"], ["y"], name="fc")],
+                       [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 10])], {"w1": w1, "w2": w2, "shape": shape})
+    calib = samples((1, 3, 8, 8))
+    model, _ = quantize(proto, calib, QuantConfig(latency_aware=False, fuse=False))
+    scales = {n.inputs[0].name: float(n.inputs[1].const.numpy()) for n in nodes(model, "QuantizeLinear")}
+    assert scales["c"] == scales["p"] == scales["f"]  # one scale from the conv to the classifier: no requantizing
+    ref, got = run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib)
+    assert output_errors(ref, got)["cosine"] > 0.999
