@@ -124,6 +124,7 @@ def insert_static(model: Model, selected: set[str], ranges: Mapping[str, Range],
         return params[name]
 
     report.absorbed = _absorb_activations(graph, cands, ranges, act_dtype, config, params)
+    _share_concat_scales(cands, ranges, params, act_dtype, config)
     quantized_consumer = set(cands)
     wanted: dict[str, Value] = {}
     for cand in cands.values():
@@ -196,6 +197,26 @@ def _absorb_activations(graph: Graph, cands: Mapping[str, Candidate], ranges: Ma
         graph.erase(act)
         absorbed[cand.node.name] = act_out.name
     return absorbed
+
+
+def _share_concat_scales(cands: Mapping[str, Candidate], ranges: Mapping[str, Range], params: dict[str, QParams],
+                         act_dtype: np.dtype, config: QuantConfig) -> None:
+    """A Concat and the inputs only it reads get one scale (the union range): a pure int8 copy, no requantizing.
+
+    An input whose QuantizeLinear already clamps a removed Relu keeps that role only if the union starts at 0.
+    """
+    for cand in cands.values():
+        if cand.kind != "Concat":
+            continue
+        inputs = [cand.node.inputs[i] for i in cand.activations]
+        names = [v.name for v in inputs] + [cand.node.outputs[0].name]
+        los, his = zip(*(ranges[n] for n in names if n in ranges), strict=True)
+        qp = activation_qparams(min(los), max(his), act_dtype, config.symmetric)
+        params[cand.node.outputs[0].name] = qp
+        for value in inputs:
+            clamps = value.name in params and int(params[value.name].zero_point) == qrange(act_dtype)[0]
+            if len(value.uses()) == 1 and not value.is_graph_input() and (not clamps or min(los) >= 0):
+                params[value.name] = qp
 
 
 def _share_scales(graph: Graph, wanted: dict[str, Value], ranges: Mapping[str, Range], params: dict[str, QParams],

@@ -213,3 +213,20 @@ def test_maxpool_and_reshape_share_their_input_scale():
     assert scales["c"] == scales["p"] == scales["f"]  # one scale from the conv to the classifier: no requantizing
     ref, got = run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib)
     assert output_errors(ref, got)["cosine"] > 0.999
+
+
+def test_concat_inputs_share_one_scale():
+    wa = (RNG.standard_normal((4, 3, 3, 3)) / 5).astype(np.float32)
+    wb = (RNG.standard_normal((4, 3, 3, 3))).astype(np.float32)  # a wider range than the other branch
+    wc = (RNG.standard_normal((8, 8, 1, 1)) / 3).astype(np.float32)
+    proto = make_model([helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
+                        helper.make_node("Conv", ["x", "wb"], ["b"], pads=[1, 1, 1, 1], name="conv_b"),
+                        helper.make_node("Concat", ["a", "b"], ["c"], axis=1, name="cat"),
+                        helper.make_node("Conv", ["c", "wc"], ["y"], name="conv_c")],
+                       [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 8, 8, 8])], {"wa": wa, "wb": wb, "wc": wc})
+    calib = samples((1, 3, 8, 8))
+    model, _ = quantize(proto, calib, QuantConfig(latency_aware=False, fuse=False, op_types=["Conv", "Concat"]))
+    scales = {n.inputs[0].name: float(n.inputs[1].const.numpy()) for n in nodes(model, "QuantizeLinear")}
+    assert scales["a"] == scales["b"] == scales["c"]
+    ref, got = run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib)
+    assert output_errors(ref, got)["cosine"] > 0.999
