@@ -137,8 +137,8 @@ def _compile(mod, target):
     try:
         return tvm.compile(mod, target=target)
     except Exception as exc:  # noqa: BLE001 - TVM's lowering raises TVMError/InternalError subclasses
-        raise GraphoptError(f"TVM failed to compile the model for {target.kind.name}: "
-                            f"{(str(exc).strip().splitlines() or ['?'])[-1]}") from None
+        detail = (str(exc).strip().splitlines() or [f"{type(exc).__name__} with no message"])[-1]
+        raise GraphoptError(f"TVM failed to compile the model for {target.kind.name}: {detail}") from None
 
 
 def _write_artifact(out: Path, executable, manifest: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ def make_target(kind: str, arch: str | None = None, num_cores: int | None = None
             raise GraphoptError(f"bad --arch {arch!r}", hint="write the CUDA compute capability, e.g. sm_90")
         # Generic x86-64 host code: the artifact is built to run on another machine (the GPU box),
         # whose CPU may lack this one's extensions; the host side only launches kernels.
-        return tvm.target.Target({"kind": "cuda", "arch": arch}, host="llvm")
+        return tvm.target.Target({"kind": "cuda", "arch": arch, **_cuda_limits()}, host="llvm")
     raise GraphoptError(f"unknown target {kind!r}", hint=f"one of: {', '.join(TARGETS)}")
 
 
@@ -72,6 +72,21 @@ def _features_missing_here(host) -> list[str]:
 # LLVM feature names checked against /proc/cpuinfo, and the few that cpuinfo spells differently.
 _ISA_PREFIXES = ("avx", "fma", "f16c", "sse", "ssse3", "bmi", "gfni", "vaes", "vpclmulqdq", "amx", "sha")
 _CPUINFO_NAME = {"sse3": "pni", "bmi": "bmi1", "sha": "sha_ni", "sse4.1": "sse4_1", "sse4.2": "sse4_2"}
+
+
+def _cuda_limits() -> dict[str, int]:
+    """Thread/shared-memory limits MetaSchedule's GPU rules need (AutoBind fails without them).
+
+    Read from the GPU when there is one; otherwise the limits every CUDA GPU since sm_30 has (static
+    shared memory per block, without the opt-in to more).
+    """
+    import tvm
+
+    dev = tvm.cuda(0)
+    if dev.exist:
+        return {"max_threads_per_block": dev.max_threads_per_block, "thread_warp_size": dev.warp_size,
+                "max_shared_memory_per_block": dev.max_shared_memory_per_block}
+    return {"max_threads_per_block": 1024, "thread_warp_size": 32, "max_shared_memory_per_block": 49152}
 
 
 def _device_arch() -> str:
