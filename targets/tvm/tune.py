@@ -32,6 +32,7 @@ from graphopt.errors import GraphoptError
 logger = logging.getLogger(__name__)
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
+MS_LOGGER = "tvm.s_tir.meta_schedule"
 
 
 @dataclass
@@ -149,8 +150,14 @@ def tune(
         logger.info("all %d tasks are in the tuning database %s: nothing to tune", len(tasks), db_dir)
     else:
         per_task = max(1, math.ceil(trials / len(missing)))
+        ms_logger = logging.getLogger(MS_LOGGER)
+        ms_logger.handlers.clear()  # MetaSchedule's logger setup fails on handlers left by an earlier run
+        ms_logger.setLevel(logging.DEBUG)  # everything goes to <db>/logs; the console gets INFO only with -v
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             missing, str(db_dir), num_threads=_cores(target), seed=seed)
+        for handler in ms_logger.handlers:
+            if handler.get_name() == f"{MS_LOGGER}.console":
+                handler.setLevel(logging.INFO if logger.isEnabledFor(logging.INFO) else logging.WARNING)
         counter = _Counter(trials, [t.task_name for t in missing], on_progress)
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=trials,
