@@ -83,7 +83,7 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     report.quantized_nodes = len(inserted.quantized)
     report.notes += inserted.notes
     report.layers = inserted.weights + _activation_errors(fp32, quantized, inserted, job.sens_feeds[:SQNR_SAMPLES])
-    report.kept_float = plan.kept_float + [f for f in report.kept_float if f not in plan.kept_float]
+    report.kept_float = plan.kept_float + report.kept_float  # + those the budget and latency steps gave back
     report.size_bytes = {"fp32": len(fp32), "quantized": len(quantized)}
     clock.lap("check")
     report.timings_s = clock.laps
