@@ -269,9 +269,9 @@ def test_synthetic_graph_is_processed_in_linear_time():
 @pytest.mark.slow
 def test_200k_nodes_well_under_a_minute():
     model = synthetic_graph(200_000 // 15)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: on a shared machine wall time measures the neighbours too
     PassManager(PIPELINE).run(model)
-    seconds = time.perf_counter() - start
-    log.info("200k-node pipeline: %.1f s", seconds)
+    seconds = time.process_time() - start
+    log.info("200k-node pipeline: %.1f s CPU", seconds)
     assert len(model.graph) == 4 * (200_000 // 15) + 1
     assert seconds < 60
