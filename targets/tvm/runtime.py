@@ -98,6 +98,35 @@ class Runner:
                 times.append((time.perf_counter() - start) * 1e3)
         return times
 
+    def profile(self, feeds: Mapping[str, np.ndarray], runs: int = 5) -> list[dict[str, Any]]:
+        """Where the time goes: wall time per called function (fused TIR kernels, library calls) over
+        ``runs`` runs, heaviest first, through the Relax VM's call instrument (0.27 has no VM profiler).
+        The instrument is a Python callback per call: small kernels' times include its overhead."""
+        args = self._device_args(feeds)
+        self._main(*args)  # warm up before timing
+        totals: dict[str, list[float]] = {}
+        started: list[float] = []
+
+        def instrument(func, symbol, before_run, ret_value, *call_args):
+            if before_run:
+                started.append(time.perf_counter())
+            else:
+                self.device.sync()
+                name = "vm.builtin.*" if str(symbol).startswith("vm.builtin") else str(symbol)
+                totals.setdefault(name, []).append((time.perf_counter() - started.pop()) * 1e3)
+            return 0
+
+        self._vm.set_instrument(instrument)
+        try:
+            for _ in range(runs):
+                self._main(*args)
+        finally:
+            self._vm.set_instrument(None)
+        whole = sum(sum(t) for t in totals.values()) or 1.0
+        rows = [{"function": name, "calls_per_run": len(t) // runs, "ms_per_run": sum(t) / runs,
+                 "share": sum(t) / whole} for name, t in totals.items()]
+        return sorted(rows, key=lambda row: -row["ms_per_run"])
+
     def median_ms(self, feeds: Mapping[str, np.ndarray], repeat: int = 20) -> float:
         return statistics.median(self.benchmark(feeds, repeat))
 
