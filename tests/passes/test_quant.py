@@ -125,11 +125,11 @@ def test_latency_aware_never_returns_a_slower_model(zoo):
     name = "mobilenet_dynamo"  # depthwise convs: int8 does not pay on this CPU
     calib = [zoo.make_inputs(zoo.MODELS[name], seed=i) for i in range(4)]
     _, report = quantize(str(zoo.build(name)), calib, QuantConfig())
-    assert any(f.reason == "latency" for f in report.kept_float)
-    if "quantized" in report.latency_ms:
+    if "quantized" in report.latency_ms:  # some int8 kinds paid (timing noise can decide which)
         assert report.latency_ms["quantized"] <= report.latency_ms["fp32"]
-    else:
+    else:  # nothing paid: the fp32 model came back, every candidate marked with the reason
         assert report.quantized_nodes == 0 and report.notes
+        assert sum(f.reason == "latency" for f in report.kept_float) >= 19  # 19 Conv + Gemm + Adds
 
 
 def test_cli_quantize_writes_a_runnable_model_and_json(zoo, digits, tmp_path, capsys):
