@@ -25,6 +25,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ir import Model
 from graphopt.onnx_io import ModelLike, to_bytes
 
+from .cuda import FATBIN, precompile
 from .frontend import prepare, relax_output_shapes, signature, to_relax
 from .runtime import FORMAT, MANIFEST, is_artifact
 from .target import make_target
@@ -99,6 +100,7 @@ def compile_model(
         seconds["tune"] = time.perf_counter() - clock
     clock = time.perf_counter()
     executable = _compile(mod, tvm_target)
+    kernels = precompile(executable, tvm_target) if target == "cuda" else None
     seconds["build"] = time.perf_counter() - clock
     manifest = {
         "format": FORMAT,
@@ -113,8 +115,9 @@ def compile_model(
                                                "tasks": report.tasks, "tuned_now": len(report.tuned),
                                                "trials_now": report.trials},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "cuda_fatbin": None if kernels is None else {"file": FATBIN, "source_sha256": kernels[1]},
     }
-    _write_artifact(out, executable, manifest)
+    _write_artifact(out, executable, manifest, {FATBIN: kernels[0]} if kernels else {})
     return CompileResult(out, manifest, seconds, report)
 
 
@@ -141,7 +144,7 @@ def _compile(mod, target):
         raise GraphoptError(f"TVM failed to compile the model for {target.kind.name}: {detail}") from None
 
 
-def _write_artifact(out: Path, executable, manifest: dict[str, Any]) -> None:
+def _write_artifact(out: Path, executable, manifest: dict[str, Any], extra: dict[str, bytes]) -> None:
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
@@ -150,6 +153,8 @@ def _write_artifact(out: Path, executable, manifest: dict[str, Any]) -> None:
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
     try:
         executable.export_library(str(staging / LIBRARY))
+        for name, data in extra.items():
+            (staging / name).write_bytes(data)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         old = None
         if out.exists():

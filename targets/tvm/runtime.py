@@ -8,6 +8,7 @@ It does not import graphopt's core either (which needs onnx); it can be loaded a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -64,6 +65,8 @@ class Runner:
         self.device = tvm.cuda(device_id) if kind == "cuda" else tvm.cpu(device_id)
         if kind == "cuda" and not self.device.exist:
             raise ArtifactError(f"{self.path} was compiled for CUDA and there is no CUDA GPU here")
+        if kind == "cuda" and self.manifest.get("cuda_fatbin"):
+            _serve_precompiled_kernels(self.path, self.manifest["cuda_fatbin"])
         lib = self.path / self.manifest["library"]
         try:
             self._vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
@@ -162,6 +165,28 @@ def check_feeds(specs: Sequence[Mapping[str, Any]], feeds: Mapping[str, Any]) ->
                                         f"{name!r} (axis {axis})")
         ordered.append(np.ascontiguousarray(value))
     return ordered
+
+
+def _serve_precompiled_kernels(folder: Path, entry: Mapping[str, str]) -> None:
+    """Answer TVM's load-time CUDA compile hook with the artifact's fatbin for its exact source; any
+    other source goes to the previous hook (TVM's NVRTC/nvcc one when ``tvm.support.nvcc`` is imported)."""
+    import hashlib
+
+    import tvm_ffi
+
+    fatbin = (folder / entry["file"]).read_bytes()
+    with contextlib.suppress(ImportError):  # registers TVM's own hook, which becomes the fallback
+        import tvm.support.nvcc  # noqa: F401
+    previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+
+    def compile_cuda(code):
+        if hashlib.sha256(str(code).encode()).hexdigest() == entry["source_sha256"]:
+            return fatbin
+        if previous is None:
+            raise ArtifactError("CUDA source without a precompiled fatbin and no compiler hook (tvm.support.nvcc)")
+        return previous(code)
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
 
 
 def load(path: str | os.PathLike, device_id: int = 0) -> Runner:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -116,8 +117,29 @@ def test_cuda_build_compiles_without_a_gpu(tmp_path):
     manifest = result.manifest
     assert manifest["target"]["kind"] == "cuda" and manifest["target"]["tvm"]["arch"] == "sm_90"
     assert (result.path / "model.so").stat().st_size > 10_000
+    if shutil.which("nvcc"):  # kernels precompiled here: the GPU machine needs neither NVRTC nor CUDA headers
+        entry = manifest["cuda_fatbin"]
+        assert (result.path / entry["file"]).read_bytes()[:4] == b"\x50\xed\x55\xba"  # fatbin magic
     with pytest.raises(GraphoptError, match="bad --arch"):
         compile_model(tmp_path / "net.onnx", tmp_path / "bad", target="cuda", arch="90")
+
+
+def test_precompiled_kernels_answer_the_load_time_compile_hook_for_their_source_only(tmp_path):
+    import hashlib
+
+    import tvm_ffi
+
+    from graphopt.targets.tvm.runtime import _serve_precompiled_kernels
+
+    (tmp_path / "k.fatbin").write_bytes(b"FATBIN")
+    fallback = []
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", lambda code: fallback.append(code) or b"other",
+                                 override=True)
+    _serve_precompiled_kernels(tmp_path, {"file": "k.fatbin",
+                                          "source_sha256": hashlib.sha256(b"__global__ void k() {}").hexdigest()})
+    hook = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+    assert bytes(hook("__global__ void k() {}")) == b"FATBIN"
+    assert bytes(hook("__global__ void other() {}")) == b"other" and fallback == ["__global__ void other() {}"]
 
 
 def test_cuda_artifact_runs_on_a_gpu(tmp_path):
