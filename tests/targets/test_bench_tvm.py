@@ -1,0 +1,31 @@
+"""tools/bench_tvm.py on the smallest zoo CNN, untuned only: the numbers and the report it prints."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from tools import bench_tvm  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("tvm")
+
+
+def test_cpu_row_has_latency_peak_fraction_profile_and_matches_onnxruntime(tmp_path):
+    args = argparse.Namespace(rounds=1, repeat=2, profile_top=3)
+    row = bench_tvm.bench_cpu_model("digits_cnn_dynamo", [], args, tmp_path)
+    untuned = row["variants"]["tvm_untuned"]
+    assert untuned["matches_ort"] and untuned["ms"] > 0 and row["ort_ms"] > 0
+    assert row["macs"] > 0 and 0 < untuned["peak_fraction"] < 2 and row["peak_gflops"] > 0
+    assert row["profile"]["kernels"] and any("conv2d" in k["function"] for k in row["profile"]["kernels"])
+    text = bench_tvm.cpu_markdown([row])
+    assert "digits_cnn_dynamo" in text and "where the time goes" in text
+
+
+def test_close_uses_the_fp32_rule():
+    ref = {"y": np.array([1.0, -2.0, 3.0], np.float32)}
+    assert bench_tvm.close(ref, {"y": ref["y"] * (1 + 5e-5)})[0]
+    assert not bench_tvm.close(ref, {"y": ref["y"] * (1 + 1e-3)})[0]
