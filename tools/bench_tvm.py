@@ -176,7 +176,7 @@ def cpu_markdown(rows: list[dict[str, Any]]) -> str:
                          f"{v['compile_s']:.0f}", v["trials_measured"] if v["trials_measured"] is not None else "-",
                          f"{v['tune_s']:.0f}" if v["tune_s"] else "-", "yes" if v["matches_ort"] else "NO"])
     lines.append(table(["model", "variant", "ms", "x ORT", "% peak", "compile s", "trials", "tune s",
-                        "matches ORT"], body))
+                        "matches ORT"], body, align_right_from=2))
     lines.append("")
     lines.append(f"peak (numpy fp32 2048^3 matmul, same run): {rows[0]['peak_gflops']:.0f} GFLOP/s" if rows else "")
     for row in rows:
