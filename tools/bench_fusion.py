@@ -338,16 +338,19 @@ def _finite(value: Any) -> Any:
 
 
 def render_saved(paths: Sequence[str], judge: str, md: str | None) -> None:
-    """The report of earlier runs (several --json files, e.g. CNNs and transformers run apart), judged again."""
-    results, commands = [], []
+    """The report of earlier runs (several --json files, e.g. CNNs and transformers run apart), judged again;
+    a model measured in several files keeps its result from the last one."""
+    results: dict[str, dict[str, Any]] = {}
+    commands = []
     for path in paths:
         data = json.loads(Path(path).read_text())
         commands.append(data["command"])
         for r in data["models"]:
             if "error" not in r:
                 r["targets"] = targets(r, judge)
-            results.append(r)
-    report = render_markdown(results, "`; `".join(commands))
+            results.pop(r["model"], None)
+            results[r["model"]] = r
+    report = render_markdown(list(results.values()), "`; `".join(commands))
     if md:
         Path(md).write_text(report)
     print(report)
