@@ -46,12 +46,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------ timing
-def peak_gflops(size: int = 2048) -> float:
+def peak_gflops(size: int = 2048, runs: int = 3) -> float:
+    """Best of ``runs`` float32 matmuls: on a shared machine one timing can land in another job's burst."""
     a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
     a @ a
-    start = time.perf_counter()
-    a @ a
-    return 2 * size**3 / (time.perf_counter() - start) / 1e9
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def ort_session(model: str | bytes, providers: list[str], threads: int = 2):
