@@ -22,7 +22,7 @@ from .budget import fit_budget, sensitivities
 from .calib import CalibSource, load_calibration
 from .config import QuantConfig
 from .dynamic import insert_dynamic
-from .evaluate import Outputs, latency_ms, metric_value, output_errors, run_outputs, session
+from .evaluate import Outputs, metric_value, output_errors, paired_latency, run_outputs, session
 from .observe import float_tensors, observe, progress_bar
 from .optable import STATIC_KINDS, WEIGHT_KINDS, fused_kinds, speedup
 from .plan import Plan, make_plan
@@ -35,6 +35,9 @@ from .report import EXCLUDED, LATENCY, SENSITIVITY, UNSUPPORTED, FloatNode, Laye
 log = logging.getLogger(__name__)
 
 MIN_EVAL, EVAL_SECONDS = 8, 10.0  # the dynamic/weight-only reference stops after 10 s once it has 8 samples
+#: int8 is kept only when it takes at most this share of fp32's time: at parity the speed gain is noise
+#: and the accuracy loss is real.
+PAYS_BELOW = 0.97
 SQNR_SAMPLES = 2  # per-tensor SQNR runs both models with every quantized tensor exposed: a few samples
 
 Calibration = CalibSource | Iterable[Mapping[str, np.ndarray]]
@@ -251,19 +254,19 @@ def _pay_or_fall_back(job: _Job, plan: Plan, selected: set[str], report: QuantRe
     kinds = sorted({plan.candidates[n].kind for n in selected}, key=lambda k: speedup(k) or 0.0)
     while True:
         model, _ = job.build(selected)
-        times = latency_ms({"fp32": job.fp32, "quantized": model}, feed)
-        report.latency_ms = times
-        if times["quantized"] <= times["fp32"] or not selected:
+        ratio, times = paired_latency(model, job.fp32, feed)
+        report.latency_ms, report.latency_ratio = times, ratio
+        if ratio <= PAYS_BELOW or not selected:
             return selected
         kind = kinds.pop(0) if kinds else None
         dropped = {n for n in selected if plan.candidates[n].kind == kind} if kind else set(selected)
-        note = f"int8 {kind} made the model slower ({times['quantized']:.3f} vs {times['fp32']:.3f} ms fp32)" \
-            if kind else "the quantized model was slower than fp32: left in float"
+        took = f"{ratio:.2f}x fp32's time ({times['quantized']:.3f} vs {times['fp32']:.3f} ms)"
+        note = f"int8 {kind}: the model took {took}" if kind else f"the quantized model took {took}: left in float"
         for name in sorted(dropped):
             report.kept_float.append(FloatNode(name, plan.candidates[name].node.op_type, LATENCY, note))
         selected = selected - dropped
         if not selected:
-            report.latency_ms = {"fp32": times["fp32"]}
+            report.latency_ms, report.latency_ratio = {"fp32": times["fp32"]}, None
             report.notes.append(note)
             return selected
 

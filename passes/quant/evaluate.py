@@ -58,20 +58,25 @@ def metric_value(errors: Mapping[str, float], metric: str) -> float:
     return 1.0 - errors["cosine"] if metric == "cosine" else errors["rel_l2"]
 
 
-def latency_ms(models: Mapping[str, bytes], feed: Mapping[str, np.ndarray], seconds: float = 1.0,
-               min_runs: int = 3) -> dict[str, float]:
-    """Median latency of each model, the models interleaved run by run (A B A B ...) so drift hits all."""
-    sessions = {k: session(m) for k, m in models.items()}
+def paired_latency(candidate: bytes, baseline: bytes, feed: Mapping[str, np.ndarray], seconds: float = 2.0,
+                   min_runs: int = 5) -> tuple[float, dict[str, float]]:
+    """(median of per-round candidate/baseline time ratios, median ms of each), the two run alternately.
+
+    A ratio per round, not a ratio of medians: on a shared machine the load drifts within a second,
+    and each round sees the same load for both models.
+    """
+    sessions = {"quantized": session(candidate), "fp32": session(baseline)}
     for sess in sessions.values():
         for _ in range(2):
             sess.run(None, dict(feed))
     times: dict[str, list[float]] = {k: [] for k in sessions}
     start = time.perf_counter()
-    while min(len(v) for v in times.values()) < min_runs or time.perf_counter() - start < seconds:
+    while len(times["fp32"]) < min_runs or time.perf_counter() - start < seconds:
         for name, sess in sessions.items():
             t = time.perf_counter()
             sess.run(None, dict(feed))
             times[name].append((time.perf_counter() - t) * 1000)
-        if len(times[name]) >= 2000:
+        if len(times["fp32"]) >= 2000:
             break
-    return {k: statistics.median(v) for k, v in times.items()}
+    ratio = statistics.median(q / f for q, f in zip(times["quantized"], times["fp32"], strict=True))
+    return ratio, {k: statistics.median(v) for k, v in times.items()}

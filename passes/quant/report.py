@@ -57,6 +57,7 @@ class QuantReport:
     budget_met: bool | None = None
     sensitivity: dict[str, float] = field(default_factory=dict)  # node -> error gain when kept float
     latency_ms: dict[str, float] = field(default_factory=dict)  # {"fp32": .., "quantized": ..} medians
+    latency_ratio: float | None = None  # median per-round quantized/fp32 time of the model returned
     size_bytes: dict[str, int] = field(default_factory=dict)  # {"fp32": .., "quantized": ..} initializer bytes
     timings_s: dict[str, float] = field(default_factory=dict)  # step -> seconds
     notes: list[str] = field(default_factory=list)
@@ -103,9 +104,9 @@ def render(report: QuantReport, max_rows: int = 60) -> Group:
     if report.max_error is not None:
         summary.add_row("budget", f"{report.max_error:g} ({'met' if report.budget_met else 'NOT met'})")
     if report.latency_ms:
-        fp32, q = report.latency_ms.get("fp32"), report.latency_ms.get("quantized")
         text = ", ".join(f"{k} {v:.3f} ms" for k, v in report.latency_ms.items())
-        summary.add_row("latency (ORT CPU)", text + (f"  speed-up {fp32 / q:.2f}x" if fp32 and q else ""))
+        ratio = report.latency_ratio
+        summary.add_row("latency (ORT CPU)", text + (f"  speed-up {1 / ratio:.2f}x (paired)" if ratio else ""))
     if report.size_bytes:
         summary.add_row("weights", ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in report.size_bytes.items()))
     for key, value in report.timings_s.items():
