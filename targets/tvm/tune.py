@@ -185,8 +185,12 @@ def apply_database(mod, target, db_dir: str | Path):
 
 
 def _cores(target) -> int:
+    """Threads for candidate search and builds: the CPU target's own count, or every core for a GPU
+    target (its candidates are generated and compiled on the host; one thread left 16 idle on an H100 box)."""
+    from .target import usable_cores
+
     cores = target.attrs.get("num-cores") if target.kind.name == "llvm" else None
-    return int(cores) if cores else 1
+    return int(cores) if cores else usable_cores()
 
 
 def _runner(rpc: RPCConfig | None):
