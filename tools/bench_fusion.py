@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
 from tools.bench.child import run_in_child
 from tools.bench.latency import paired_ratio
 from tools.bench.markdown import table
-from tools.bench.numerics import write_feeds
+from tools.bench.numerics import check_in_children, write_feeds
 from tools.bench.ort_transformers import ort_transformers_args
 from tools.bench.simplifiers import TOOLS
 from tools.bench.stats import model_stats
@@ -159,19 +159,12 @@ def _make_variants(name: str, src: str, workdir: Path, cfg: BenchConfig) -> dict
 
 def _check_outputs(src: str, variants: dict[str, dict[str, Any]], feeds_file: str, workdir: Path,
                    cfg: BenchConfig) -> None:
-    """Reference outputs of the original once, then each variant checked in its own process."""
-    reference = str(workdir / "reference.pkl")
-    ref = run_in_child("tools.bench.numerics:reference_outputs",
-                       {"model": src, "feeds_file": feeds_file, "out_file": reference},
-                       timeout=cfg.timeout, preload=("onnxruntime", "numpy"))
+    candidates = {label: v["path"] for label, v in variants.items() if label != ORIGINAL and v["ok"]}
+    ref, checks = check_in_children(src, candidates, feeds_file, str(workdir / "reference.pkl"), cfg.timeout)
     if not ref.ok:
         raise RuntimeError(f"the original does not run in onnxruntime: {ref.error}")
-    for label, variant in variants.items():
-        if label == ORIGINAL or not variant["ok"]:
-            continue
-        res = run_in_child("tools.bench.numerics:check_candidate",
-                           {"model": variant["path"], "feeds_file": feeds_file, "reference_file": reference},
-                           timeout=cfg.timeout, preload=("onnxruntime", "graphopt.verify"))
+    for label, res in checks.items():
+        variant = variants[label]
         variant["match"] = res.value if res.ok else {"error": res.error}
         variant["matched"] = res.ok and all(m["ok"] for m in res.value.values())
         if not variant["matched"]:

@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
 
 from tools.bench.child import run_in_child
 from tools.bench.markdown import table
-from tools.bench.numerics import PRIMARY, SECOND, write_feeds
+from tools.bench.numerics import PRIMARY, SECOND, check_in_children, write_feeds
 from tools.bench.sessions import needs_external_data
 from tools.bench.simplifiers import GRAPHOPT, PEERS, TOOLS
 from tools.bench.stats import model_stats
@@ -128,23 +128,17 @@ def _run_tools(src: str, workdir: Path, cfg: BenchConfig) -> dict[str, dict[str,
 
 def _check_outputs(src: str, variants: dict[str, dict[str, Any]], feeds_file: str, workdir: Path,
                    cfg: BenchConfig) -> None:
-    """Reference outputs of the original once, then each tool's output checked in its own process."""
-    reference = str(workdir / "reference.pkl")
-    ref = run_in_child("tools.bench.numerics:reference_outputs",
-                       {"model": src, "feeds_file": feeds_file, "out_file": reference},
-                       timeout=cfg.check_timeout, preload=("onnxruntime", "numpy"))
-    original = variants[ORIGINAL]
+    candidates = {label: v["path"] for label, v in variants.items() if label != ORIGINAL and v["ok"]}
+    ref, checks = check_in_children(src, candidates, feeds_file, str(workdir / "reference.pkl"), cfg.check_timeout)
     if not ref.ok:
-        original.update(ok=False, error=f"reference run: {ref.error}")
+        variants[ORIGINAL].update(ok=False, error=f"reference run: {ref.error}")
     for label, variant in variants.items():
         if label == ORIGINAL:
             variant["match"] = {s: {"ok": ref.ok, "max_abs": 0.0 if ref.ok else None} for s in _sets(feeds_file)}
-        elif not variant["ok"] or not ref.ok:
+        elif label not in checks:
             variant["match"] = {}
         else:
-            res = run_in_child("tools.bench.numerics:check_candidate",
-                               {"model": variant["path"], "feeds_file": feeds_file, "reference_file": reference},
-                               timeout=cfg.check_timeout, preload=("onnxruntime", "graphopt.verify"))
+            res = checks[label]
             variant["match"] = res.value if res.ok else {s: {"ok": False, "error": res.error} for s in
                                                            _sets(feeds_file)}
         variant["matched"] = bool(variant["match"]) and all(m["ok"] for m in variant["match"].values())
@@ -292,11 +286,6 @@ def bench_synthetic(target_nodes: int, workdir: Path, timeout: float, tools: Seq
     out: dict[str, Any] = {"target_nodes": target_nodes, "original": model_stats(src).to_dict(), "tools": {}}
     feeds_file = str(folder / "feeds.pkl")
     write_feeds(feeds_file, {PRIMARY: synthetic_inputs(1), SECOND: synthetic_inputs(3, seed=1)})
-    reference = str(folder / "reference.pkl")
-    ref = run_in_child("tools.bench.numerics:reference_outputs",
-                       {"model": str(src), "feeds_file": feeds_file, "out_file": reference},
-                       timeout=timeout, preload=("onnxruntime",))
-    out["reference_error"] = ref.error
     for tool in tools:
         dst = folder / tool / "model.onnx"
         log.info("synthetic: %s", tool)
@@ -308,13 +297,13 @@ def bench_synthetic(target_nodes: int, workdir: Path, timeout: float, tools: Seq
                                  "rss_above_baseline_mb": res.rss_above_baseline_mb}
         if res.ok:
             entry["stats"] = model_stats(dst).to_dict()
-            if ref.ok:
-                check = run_in_child("tools.bench.numerics:check_candidate",
-                                     {"model": str(dst), "feeds_file": feeds_file, "reference_file": reference},
-                                     timeout=timeout, preload=("onnxruntime", "graphopt.verify"))
-                entry["match"] = check.value if check.ok else {"error": check.error}
         out["tools"][tool] = entry
         log.info("synthetic: %s %s", tool, f"{res.seconds:.1f} s" if res.ok else res.error)
+    candidates = {tool: str(folder / tool / "model.onnx") for tool, entry in out["tools"].items() if entry["ok"]}
+    ref, checks = check_in_children(str(src), candidates, feeds_file, str(folder / "reference.pkl"), timeout)
+    out["reference_error"] = ref.error
+    for tool, check in checks.items():
+        out["tools"][tool]["match"] = check.value if check.ok else {"error": check.error}
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .child import ChildResult, run_in_child
 from .sessions import cpu_session, run_outputs
 
 #: Names of input sets in a feeds file: the model's default shape and, for dynamic models, another one.
@@ -73,6 +74,22 @@ def check_candidate(model: str, feeds_file: str, reference_file: str) -> dict[st
             "error": "; ".join(f"{d.name}: {d.verdict} {d.detail}".strip() for d in diffs if not d.ok)[:300] or None,
         }
     return results
+
+
+def check_in_children(src: str, candidates: Mapping[str, str], feeds_file: str, reference_file: str,
+                      timeout: float) -> tuple[ChildResult, dict[str, ChildResult]]:
+    """The original's reference outputs in one child process, then each candidate (label -> path) checked in
+    its own (a candidate that crashes onnxruntime costs only its own row). Nothing is checked when the
+    reference run fails."""
+    ref = run_in_child("tools.bench.numerics:reference_outputs",
+                       {"model": src, "feeds_file": feeds_file, "out_file": reference_file},
+                       timeout=timeout, preload=("onnxruntime", "numpy"))
+    if not ref.ok:
+        return ref, {}
+    return ref, {label: run_in_child("tools.bench.numerics:check_candidate",
+                                     {"model": path, "feeds_file": feeds_file, "reference_file": reference_file},
+                                     timeout=timeout, preload=("onnxruntime", "graphopt.verify"))
+                 for label, path in candidates.items()}
 
 
 def _worst_abs(diffs: list[Any]) -> float | None:
