@@ -84,6 +84,11 @@ def _erf_gelu_condition(ctx: MatchContext, x: Value, s: Value, one: Value, half:
     expected = SQRT2 if scale.op_type == "Div" else 1 / SQRT2
     if not close(scalar(s), expected):
         return f"{scale.label()} scales by {scalar(s)}, not by {'sqrt(2)' if scale.op_type == 'Div' else '1/sqrt(2)'}"
+    return _one_and_half(one, half)
+
+
+def _one_and_half(one: Value, half: Value) -> str | bool:
+    """The shared tail of both GELU conditions: x * 0.5 * (1 + f(x))."""
     if scalar(one) != 1.0 or scalar(half) != 0.5:
         return f"the constants are {scalar(one)} and {scalar(half)}, not 1 and 0.5"
     return float32(half) or True
@@ -115,9 +120,7 @@ def _tanh_gelu_condition(ctx: MatchContext, x: Value, c: Value, k: Value, one: V
         return f"the exponent is {scalar(three)}, not 3"
     if not close(scalar(c), 0.044715) or not close(scalar(k), SQRT_2_OVER_PI):
         return f"the constants are {scalar(c)} and {scalar(k)}, not 0.044715 and sqrt(2/pi)"
-    if scalar(one) != 1.0 or scalar(half) != 0.5:
-        return f"the constants are {scalar(one)} and {scalar(half)}, not 1 and 0.5"
-    return float32(half) or True
+    return _one_and_half(one, half)
 
 
 def _tanh_gelu(op, x: Value, ctx: MatchContext) -> Value:
