@@ -3,6 +3,7 @@ without least-squares reconstruction, plus torch-pruning side by side on the dig
 
     python -m tools.bench_prune                 # everything (~10 min on 2 cores)
     python -m tools.bench_prune --json out.json # also write the numbers
+    python -m tools.bench_prune --only latency  # the ResNet latency target alone (~3 min)
 
 What is measured, per model:
 
@@ -12,9 +13,12 @@ What is measured, per model:
   output SQNR on 300 held-out natural image crops (scikit-learn's ``flower.jpg``); calibration = 128
   crops of the other sample photo (``china.jpg``).
 * small BERT (random weights): output SQNR on 200 held-out random token sequences; 64 for calibration.
-* latency: onnxruntime CPU, 2 intra-op threads, allow_spinning 0, the variants interleaved (A B C A B C
-  ...), medians; ratios are against the unpruned model in the same run. ResNet-50 (224x224) at 50 % FLOPs
-  too, since the small 64x64 nets are too small for latency to mean much.
+* latency: onnxruntime CPU (ORT_ENABLE_ALL, 2 intra-op threads, allow_spinning 0), the variants and the
+  unpruned model interleaved in one process (A B C A B C ...); a variant's ratio is the median over rounds of
+  its time over the unpruned model's time *in the same round* (wall clock, and process CPU time, which other
+  processes on a shared machine stretch less), so drift of the machine's speed cancels. ``--only latency``
+  measures the ResNet latency target on its own: the small ResNet at 50 % FLOPs, both exporters, batch 1
+  and 8, ~30 s of rounds per batch. ResNet-50 (224x224) at 50 % FLOPs too.
 * torch-pruning (if installed: ``pip install torch-pruning``, a benchmark-only dependency) on the same
   PyTorch digits CNN, loaded with the ONNX model's own weights, at the same per-layer ratio with group L1
   importance, the same layers protected (first conv, classifier output), no fine-tuning.
@@ -24,7 +28,8 @@ calibration data, nothing else), ``l1+refit`` (least-squares refit of the layers
 statistics left), ``l1+refit+bn`` (both: what ``graphopt prune --calib`` does by default), ``recon+refit+bn``
 (channels ranked by the error left after refitting), and both ends again with kept channel counts rounded
 down to multiples of 8 (``--round 8``): onnxruntime's blocked conv kernels run odd channel counts slowly,
-which can make a pruned net *slower*.
+which can make a pruned net *slower*; ``--latency``: counts in whole NCHWc blocks and, above 4 blocks, whole
+filter sets of 4 blocks (see ``passes/prune/plan.py``).
 
 torch-pruning rows: at the same per-layer ratio and at the same FLOPs target (each tool bisecting its own
 uniform ratio on Conv+Linear MACs), with and without BN re-estimation (PyTorch: train-mode running statistics
@@ -36,9 +41,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import onnx
@@ -48,6 +53,8 @@ from rich.table import Table
 
 import graphopt
 from graphopt.passes.prune import PruneConfig, prune
+from tools.bench.latency import measure_interleaved, paired_ratio
+from tools.bench.sessions import cpu_session
 from tools.zoo import MODELS, build, load_data, make_inputs
 
 log = logging.getLogger("bench_prune")
@@ -61,29 +68,27 @@ VARIANTS = {
     "recon+refit+bn": {"calib": True, "criterion": "recon"},
     "l1 --round 8": {"round_to": 8},
     "recon+refit+bn --round 8": {"calib": True, "criterion": "recon", "round_to": 8},
+    "l1 --latency": {"latency": True},
+    "recon+refit+bn --latency": {"calib": True, "criterion": "recon", "latency": True},
 }
+# the ResNet latency target's variants: (label, PruneConfig fields); channel choice does not change latency
+LATENCY_VARIANTS = (("l1", {}), ("l1 --round 8", {"round_to": 8}), ("l1 --latency", {"latency": True}),
+                    ("l1+refit+bn --latency", {"calib": True, "latency": True}))
 
 
 def session(model: bytes | str) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return cpu_session(model, "all", threads=2)
 
 
-def latencies(models: dict[str, bytes], feeds: dict, rounds: int = 21, inner: int = 1) -> dict[str, float]:
-    """Median seconds per run of each model, variants interleaved."""
-    sessions = {k: session(v) for k, v in models.items()}
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for s in sessions.values():
-        s.run(None, feeds)
-    for _ in range(rounds):
-        for key, s in sessions.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                s.run(None, feeds)
-            times[key].append((time.perf_counter() - start) / inner)
-    return {k: statistics.median(v) for k, v in times.items()}
+def timed(models: dict[str, bytes], feeds: dict, rounds: int, min_seconds: float = 0.0) -> dict[str, dict]:
+    """Median ms of each model and its ratio to ``models["unpruned"]``: the median over rounds of the two
+    timings taken in the same round (wall clock, and process CPU time), variants interleaved."""
+    calls = {key: partial(session(data).run, None, feeds) for key, data in models.items()}
+    stats = measure_interleaved(calls, runs=rounds, warmup=5, min_seconds=min_seconds, max_runs=4000)
+    base = stats["unpruned"]
+    return {key: {"latency_ms": s.median_ms, "latency_x": paired_ratio(s.samples_ms, base.samples_ms),
+                  "cpu_x": paired_ratio(s.cpu_samples_ms, base.cpu_samples_ms), "rounds": s.runs}
+            for key, s in stats.items()}
 
 
 def crops(photo: int, count: int, size: int, seed: int) -> np.ndarray:
@@ -136,12 +141,10 @@ def bench_model(name: str, calib, held: list[dict], score: Callable[[np.ndarray,
             rows.append({"model": name, "target": target, "variant": variant, **score(ref, got),
                          "macs": report.macs_kept, "params": report.params_after, "prune_s": seconds})
             log.info("%s %s: %s", name, key, rows[-1])
-    lat = latencies(models, latency_feeds, rounds=31, inner=50 if "digits" in name else 20)
+    lat = timed(models, latency_feeds, rounds=100, min_seconds=20.0)
     for row in rows:
         if row["model"] == name:
-            key = "unpruned" if row["variant"] == "unpruned" else f"{row['target']}/{row['variant']}"
-            row["latency_ms"] = 1e3 * lat[key]
-            row["latency_x"] = lat[key] / lat["unpruned"]
+            row.update(lat["unpruned" if row["variant"] == "unpruned" else f"{row['target']}/{row['variant']}"])
 
 
 def digits_rows(rows: list[dict]) -> None:
@@ -187,19 +190,45 @@ def resnet50_rows(rows: list[dict]) -> None:
     original = open(build(name), "rb").read()
     models = {"unpruned": original}
     reports = {}
-    for round_to in (1, 8):
+    for key, fields in (("--round 1", {}), ("--round 8", {"round_to": 8}), ("--latency", {"latency": True})):
         model = graphopt.load(original)
-        reports[round_to] = prune(model, PruneConfig(flops=0.5, round_to=round_to))
-        models[f"round{round_to}"] = graphopt.to_bytes(model)
-    feeds = make_inputs(MODELS[name])
-    lat = latencies(models, feeds, rounds=15)
-    rows.append({"model": name, "target": 1.0, "variant": "unpruned", "latency_ms": 1e3 * lat["unpruned"],
-                 "latency_x": 1.0})
-    for round_to, report in reports.items():
-        key = f"round{round_to}"
-        rows.append({"model": name, "target": 0.5, "variant": f"l1 --round {round_to}", "macs": report.macs_kept,
-                     "params": report.params_after, "latency_ms": 1e3 * lat[key],
-                     "latency_x": lat[key] / lat["unpruned"]})
+        reports[key] = prune(model, PruneConfig(flops=0.5, **fields))
+        models[key] = graphopt.to_bytes(model)
+    lat = timed(models, make_inputs(MODELS[name]), rounds=15)
+    rows.append({"model": name, "target": 1.0, "variant": "unpruned", **lat["unpruned"]})
+    for key, report in reports.items():
+        rows.append({"model": name, "target": 0.5, "variant": f"l1 {key}", "macs": report.macs_kept,
+                     "params": report.params_after, **lat[key]})
+
+
+def latency_rows(rows: list[dict], names=("resnet_torchscript", "resnet_dynamo"), batches=(1, 8),
+                 target: float = 0.5, seconds: float = 30.0) -> None:
+    """The latency target: the small ResNet at ``target`` FLOPs, each exporter, batch 1 and 8, all variants and
+    the unpruned model interleaved in one process (``seconds`` of rounds per batch), with their agreement and
+    SQNR on held-out crops."""
+    for name in names:
+        size = MODELS[name].inputs["images"].shape[-1]
+        calib = {"images": crops(0, 128, size, 1)}
+        held = crops(1, 300, size, 2)
+        original = open(build(name), "rb").read()
+        ref = run_all(original, [{"images": held}])
+        models, scores = {"unpruned": original}, {"unpruned": {}}
+        for label, fields in LATENCY_VARIANTS:
+            fields = dict(fields)
+            data_for = calib if fields.pop("calib", False) else None
+            model = graphopt.load(original)
+            report = prune(model, PruneConfig(flops=target, calib=data_for, **fields))
+            models[label] = graphopt.to_bytes(model)
+            got = run_all(models[label], [{"images": held}])
+            scores[label] = {"macs": report.macs_kept, "params": report.params_after,
+                             "agree": float((ref.argmax(1) == got.argmax(1)).mean()), "sqnr_db": sqnr(ref, got),
+                             "channels": "/".join(str(g.channels_after) for g in report.groups if g.status == "pruned")}
+        for batch in batches:
+            lat = timed(models, {"images": held[:batch]}, rounds=50, min_seconds=seconds)
+            for label, score in scores.items():
+                rows.append({"model": f"{name} b{batch}", "target": target if score else 1.0, "variant": label,
+                             **score, **lat[label]})
+            log.info("%s batch %d: %s", name, batch, {k: round(v["latency_x"], 3) for k, v in lat.items()})
 
 
 def torch_macs(model, example) -> float:
@@ -338,23 +367,26 @@ def _bn_stats_params(model: graphopt.Model) -> int:
 
 
 def render(rows: list[dict]) -> Table:
-    table = Table("model", "target", "variant", "top-1", "agree", "SQNR dB", "MACs", "params", "latency", "x",
-                  title="graphopt prune (FLOPs target = fraction of MACs kept; torch-pruning rows: per-layer ratio)")
+    table = Table("model", "target", "variant", "top-1", "agree", "SQNR dB", "MACs", "params", "latency ms",
+                  "x wall", "x CPU", title="graphopt prune (FLOPs target = fraction of MACs kept; torch-pruning rows: "
+                  "per-layer ratio; x = median over rounds of pruned/unpruned timed in the same round)")
 
     def fmt(value, spec):
         return "" if value is None else value if isinstance(value, str) else format(value, spec)
 
     for r in rows:
-        table.add_row(r["model"], fmt(r.get("target"), "g"), r["variant"], fmt(r.get("top1"), ".4f"),
+        variant = r["variant"] + (f" [{r['channels']}]" if r.get("channels") else "")
+        table.add_row(r["model"], fmt(r.get("target"), "g"), variant, fmt(r.get("top1"), ".4f"),
                       fmt(r.get("agree"), ".3f"), fmt(r.get("sqnr_db"), ".1f"), fmt(r.get("macs"), ".3f"),
-                      fmt(r.get("params"), ",.0f"), fmt(r.get("latency_ms"), ".3f"), fmt(r.get("latency_x"), ".2f"))
+                      fmt(r.get("params"), ",.0f"), fmt(r.get("latency_ms"), ".3f"), fmt(r.get("latency_x"), ".3f"),
+                      fmt(r.get("cpu_x"), ".3f"))
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--only", help="comma-separated sections: digits,resnet,mobilenet,bert,resnet50,tp")
+    parser.add_argument("--only", help="comma-separated sections: digits,resnet,mobilenet,bert,resnet50,latency,tp")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("graphopt").setLevel(logging.WARNING)
@@ -364,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         "mobilenet": lambda rows: cnn_rows("mobilenet_torchscript", rows),
         "bert": bert_rows,
         "resnet50": resnet50_rows,
+        "latency": latency_rows,
         "tp": torch_pruning_rows,
     }
     chosen = args.only.split(",") if args.only else list(sections)

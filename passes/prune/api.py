@@ -30,7 +30,7 @@ from .calib import CalibSource, activation_stats, batches, load_calibration, run
 from .cost import group_cost, model_cost
 from .groups import Analysis, analyze, default_protected
 from .importance import CRITERIA, importance
-from .plan import choose, plan_flops, plan_ratio
+from .plan import FILTER_SET, choose, cpu_block, plan_flops, plan_ratio
 from .probe import ShapeTable, probe_inputs, probe_shapes
 from .reconstruct import reconstruct
 from .renorm import BN_STATS
@@ -49,6 +49,7 @@ class PruneConfig:
     flops: float | None = None
     criterion: str = "l1"  # l1 | l2 | bn | activation | recon
     round_to: int = 1  # kept channel counts rounded down to a multiple of this (never below one multiple)
+    latency: bool = False  # counts for onnxruntime's CPU conv kernels: NCHWc blocks, whole filter sets (plan.py)
     protect: Sequence[str] = ()  # node names whose output channels stay, besides the defaults
     default_protect: bool = True  # the first conv and the layers producing model outputs
     calib: CalibSource | None = None  # .npz, folder of .npz, or iterable of feed dicts
@@ -92,12 +93,17 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
     protect = list(config.protect) + (default_protected(model) if config.default_protect else [])
     analysis = analyze(model, shapes, protect)
     prunable = [g for g in analysis.groups if g.prunable]
+    round_to, set_size = config.round_to, 1
+    if config.latency:
+        round_to, set_size = round_to if round_to > 1 else cpu_block(), FILTER_SET
     if config.ratio is not None:
-        plan = plan_ratio(analysis, prunable, config.ratio, config.round_to)
+        plan = plan_ratio(analysis, prunable, config.ratio, round_to, set_size)
         target = f"ratio {config.ratio:g} per group"
     else:
-        plan = plan_flops(analysis, prunable, config.flops, config.round_to, config.max_ratio)
+        plan = plan_flops(analysis, prunable, config.flops, round_to, config.max_ratio, set_size)
         target = f"keep {100 * config.flops:g}% of MACs"
+    if config.latency:
+        target += f", counts in blocks of {round_to} (sets of {set_size} above {set_size})"
     stats = None
     if config.criterion in ("activation", "recon"):
         if not feeds:

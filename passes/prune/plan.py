@@ -4,6 +4,14 @@ The ratio is uniform over prunable groups (torch-pruning's default "local"
 pruning), which keeps the comparison with it apples to apples; for a FLOPs
 target the ratio is found by bisection on the cost model, since rounding and
 groups of different cost make the MACs a step function of the ratio.
+
+Latency-aware counts (``PruneConfig.latency``) follow onnxruntime's CPU conv
+kernels (MLAS NCHWc): channels are laid out in blocks of 8 floats (AVX2; 16
+with AVX-512) and a count that is not a multiple of the block leaves the fast
+blocked path; output channels are computed in *sets* of up to 4 blocks, each
+set one pass over the input, so 40 channels (a set of 4 blocks and one of 1)
+cost nearly what 64 do. Measured on the small ResNet: uniform counts 8/16/40
+run in 0.70x of the unpruned time at batch 1, 8/16/32 in 0.63x.
 """
 
 from __future__ import annotations
@@ -20,16 +28,30 @@ from .groups import Analysis, ChannelGroup, DimKey
 log = logging.getLogger(__name__)
 
 
-def keep_count(n: int, ratio: float, round_to: int = 1, width: float = 1.0) -> int:
+#: Output-channel blocks one MLAS NCHWc conv pass computes (its filter set).
+FILTER_SET = 4
+
+
+def cpu_block() -> int:
+    """Channels per NCHWc block in onnxruntime's CPU kernels on this machine: 16 with AVX-512F, else 8."""
+    from numpy._core._multiarray_umath import __cpu_features__
+
+    return 16 if __cpu_features__.get("AVX512F") else 8
+
+
+def keep_count(n: int, ratio: float, round_to: int = 1, width: float = 1.0, set_size: int = 1) -> int:
     """Atoms kept out of ``n`` at ``ratio``; the kept *channels* (atoms x width) round down to a
-    multiple of ``round_to`` as torch-pruning does, but never below one multiple nor one atom."""
+    multiple of ``round_to`` as torch-pruning does, but never below one multiple nor one atom.
+    With ``set_size``, counts above ``set_size`` multiples round down to multiples of ``set_size``
+    multiples (whole filter sets, see the module docstring)."""
     kept = math.floor(n * (1.0 - ratio) + 1e-9)
     step = 1
     if round_to > 1:
         w = int(round(width)) if abs(width - round(width)) < 1e-9 and width >= 1 else 1
         step = round_to // math.gcd(round_to, w)
     if step > 1:
-        kept -= kept % step
+        unit = step * set_size if kept > step * set_size else step
+        kept -= kept % unit
         kept = max(kept, step)
     return int(min(max(kept, 1), n))
 
@@ -54,18 +76,19 @@ def removed_counts(analysis: Analysis, keep: dict[int, int]) -> dict[DimKey, flo
     return removed
 
 
-def plan_ratio(analysis: Analysis, groups: list[ChannelGroup], ratio: float, round_to: int) -> Plan:
-    keep = {g.id: keep_count(g.n, ratio, round_to, g.width(g.primary_dim(analysis))) for g in groups}
+def plan_ratio(analysis: Analysis, groups: list[ChannelGroup], ratio: float, round_to: int,
+               set_size: int = 1) -> Plan:
+    keep = {g.id: keep_count(g.n, ratio, round_to, g.width(g.primary_dim(analysis)), set_size) for g in groups}
     macs, params = model_cost(analysis, removed_counts(analysis, keep))
     return Plan(ratio, keep, macs, params)
 
 
 def plan_flops(analysis: Analysis, groups: list[ChannelGroup], target: float, round_to: int,
-               max_ratio: float = 0.95) -> Plan:
+               max_ratio: float = 0.95, set_size: int = 1) -> Plan:
     """The smallest uniform ratio whose plan keeps at most ``target`` of the original MACs."""
     total, _ = model_cost(analysis, {})
     budget = target * total
-    best = plan_ratio(analysis, groups, max_ratio, round_to)
+    best = plan_ratio(analysis, groups, max_ratio, round_to, set_size)
     if best.macs > budget:
         log.warning("FLOPs target %.2f not reachable: at ratio %.2f %.1f%% of the MACs remain", target, max_ratio,
                     100 * best.macs / max(total, 1))
@@ -73,7 +96,7 @@ def plan_flops(analysis: Analysis, groups: list[ChannelGroup], target: float, ro
     low, high = 0.0, max_ratio
     for _ in range(40):
         mid = (low + high) / 2
-        plan = plan_ratio(analysis, groups, mid, round_to)
+        plan = plan_ratio(analysis, groups, mid, round_to, set_size)
         if plan.macs <= budget:
             high, best = mid, plan
         else:
