@@ -13,6 +13,7 @@ import graphopt
 import graphopt.cli
 from graphopt.ir import verify
 from graphopt.passes.prune import CalibrationError, PruneConfig, prune
+from graphopt.passes.prune.plan import keep_count
 
 
 def session(model: bytes | str) -> ort.InferenceSession:
@@ -75,6 +76,19 @@ def test_residual_and_depthwise_cnns_prune_to_valid_graphs(zoo, name):
     outputs_like(zoo, name, model)
 
 
+def test_latency_counts_are_whole_blocks_and_filter_sets(zoo):
+    assert [keep_count(64, 0.3, 8), keep_count(64, 0.3, 8, set_size=4), keep_count(256, 0.3, 8, set_size=4),
+            keep_count(32, 0.3, 8, set_size=4)] == [40, 32, 160, 16]
+    name = "resnet_dynamo"
+    model = graphopt.load(str(zoo.build(name)))
+    report = prune(model, PruneConfig(flops=0.5, latency=True, round_to=8))  # 8: the same plan on any CPU
+    verify(model.graph)
+    kept = [g.channels_after for g in report.groups if g.status == "pruned"]
+    assert kept and all(c % 8 == 0 and (c <= 32 or c % 32 == 0) for c in kept), kept
+    assert report.macs_kept <= 0.5
+    outputs_like(zoo, name, model)
+
+
 def test_attention_heads_are_pruned_whole(zoo):
     name = "bert_torchscript"
     calib = [zoo.make_inputs(zoo.MODELS[name], seed=s) for s in range(8)]
@@ -127,8 +141,9 @@ def test_cli_prunes_writes_and_reports_json(zoo, tmp_path, capsys, cli, digits):
     assert all(g["channels_after"] % 4 == 0 for g in report["groups"] if g["status"] == "pruned")
     assert open(src, "rb").read() == before
     onnx.checker.check_model(onnx.load(str(out)))
-    assert cli(["prune", src, "-o", str(tmp_path / "t.onnx"), "--ratio", "0.5"]) == 0
-    assert "channel groups" in capsys.readouterr().out
+    assert cli(["prune", src, "-o", str(tmp_path / "t.onnx"), "--ratio", "0.5", "--latency", "--round", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "channel groups" in printed and "blocks of 8" in printed
 
 
 def test_cli_user_errors_exit_2(zoo, tmp_path, capsys, cli):
