@@ -21,7 +21,9 @@ instead of becoming ``unidirectional=1``, which would drop the padding part. onn
 ``attention_bias``'s dims at run time, so a mask that would have broadcast the scores to a bigger
 batch (a pathological model) fails loudly instead of computing something else.
 
-A second rule (``mha-bias``) moves the three q/k/v bias Adds into the op's ``bias`` input.
+A second rule (``mha-bias``) moves the three q/k/v bias Adds into the op's ``bias`` input; a third
+(``mha-output-view``) removes that Reshape and the exporter's one after it when the exporter's target
+provably is the op's own output shape (dims read from the query's origin, see ``attention_shapes``).
 ``pack-qkv-attention`` then turns ``MultiHeadAttention`` whose q/k/v are ``MatMul``s of one input by
 constant weights into ``com.microsoft`` ``Attention`` with the three weight matrices concatenated
 (one GEMM instead of three). This is also the QKV merge: three sibling MatMuls cannot be one pattern
@@ -236,13 +238,52 @@ def _mha_bias(op, xq, xk, xv, bq, bk, bv, mask, mha: Node, ctx: MatchContext) ->
 MHA_BIAS = Rule("mha-bias", _mha_bias_target, _mha_bias, _mha_bias_condition)
 
 
+# ------------------------------------------------------------------------------------------ output view
+
+
+def _output_view_target(op, out, split, merge):
+    return op.Reshape(op.Reshape(out, op.const("split"), _name="split_heads"), merge, _name="merge_heads")
+
+
+def _output_view_condition(ctx: MatchContext, out: Value, split: Value, merge: Value, split_heads: Node,
+                           merge_heads: Node):
+    """The exporter's Reshape back to [B, S, D] after the [B, S, heads, head_size] view the attention
+    replacement wrote: both go when the target provably is the attention output's own shape."""
+    node = out.producer
+    if node is None or node.domain != MS or node.op_type not in ("Attention", "MultiHeadAttention"):
+        return "the input of the Reshapes is not a fused attention op's output"
+    if out.shape is None or len(out.shape) != 3 or not isinstance(out.shape[2], int):
+        return f"{out.name!r} is not known to be [B, S, D] with a known D (shape {out.shape})"
+    head_split = [int(v) for v in split.const.numpy().reshape(-1)]
+    if head_split[:2] != [0, 0] or split_heads.attr("allowzero", 0):
+        return f"{split_heads.label()} does not copy dims 0 and 1 ({head_split})"
+    pieces = elements(merge)
+    if pieces is None or len(pieces) != 3:
+        return f"{merge_heads.label()}: cannot read its target as 3 entries"
+    copy_zero = merge_heads.attr("allowzero", 0) == 0
+    for k in (0, 1):
+        p = pieces[k]
+        if not ((p == 0 and copy_zero) or (isinstance(p, tuple) and same_dim(p[0], p[1], out, k))):
+            return f"{merge_heads.label()}: cannot prove entry {k} ({p}) is dim {k} of {out.name!r}"
+    if pieces[2] not in (out.shape[2], -1):
+        return f"{merge_heads.label()}: last entry {pieces[2]} is not the hidden size {out.shape[2]}"
+    return True
+
+
+def _output_view(op, out: Value) -> Value:
+    return out
+
+
+MHA_OUTPUT_VIEW = Rule("mha-output-view", _output_view_target, _output_view, _output_view_condition)
+
+
 @register_pass
 class FuseAttention(ShapeAwareRewritePass):
     name = "fuse-attention"
     description = ("Multi-head attention (Reshape/Transpose, MatMul, scale, mask, Softmax, MatMul) -> "
                    "com.microsoft MultiHeadAttention, q/k/v bias Adds folded in")
     level = "fuse"
-    rules = RuleSet([*MHA_RULES, MHA_BIAS])
+    rules = RuleSet([*MHA_RULES, MHA_BIAS, MHA_OUTPUT_VIEW])
 
 
 # ------------------------------------------------------------------------------------------ packed QKV

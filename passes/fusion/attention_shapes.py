@@ -8,7 +8,8 @@ head_size)``. This module reads a shape tensor as a list of pieces (a number, or
 and proves that from constants, ``Reshape``'s copy-dim ``0``, equal value shapes (numbers or symbolic
 names, never the ``unk__`` names onnx invents for unknown dims), or a common origin of the two dims
 (:func:`dim_origin`: through ``MatMul`` by a constant matrix, bias ``Add``, shape-preserving ops, a
-``Split`` along the last axis, and Reshapes whose target reads the dim from ``Shape``).
+``Split`` along the last axis, the fused attention ops, residual ``Add``/``Sum`` of two tensors with that
+dim in common, and Reshapes whose target reads the dim from ``Shape``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from graphopt.ir import Node, Value
 
 Piece = int | tuple[Value, int]  # a number, or dim i of a value
 MAX_DEPTH = 12
+MAX_NESTING = 64  # residual Adds nest one search per layer (memoized, so linear in the layers)
 # Ops whose output has the shape of input 0.
 _UNARY = frozenset({"Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Cast", "Identity", "Neg", "Sqrt", "Exp",
                     "FastGelu", "BiasGelu", "QuickGelu", "LayerNormalization", "SimplifiedLayerNormalization",
@@ -85,7 +87,8 @@ def same_dim(a: Value, i: int, b: Value, j: int) -> bool:
         return True
     if i < 0 or j < 0:
         return False
-    (oa, ia), (ob, ib) = dim_origin(a, i), dim_origin(b, j)
+    memo: dict = {}
+    (oa, ia), (ob, ib) = dim_origin(a, i, memo=memo), dim_origin(b, j, memo=memo)
     return oa is ob and ia == ib
 
 
@@ -96,10 +99,20 @@ def _dim(value: Value, i: int):
     return shape[i]
 
 
-def dim_origin(value: Value, i: int) -> tuple[Value, int]:
+def dim_origin(value: Value, i: int, depth: int = 0, memo: dict | None = None) -> tuple[Value, int]:
     """Follow producers back while dim ``i`` of the output is provably dim ``i'`` of an input: ops that keep
-    every dim but the last (elementwise, last-axis ops, ``x @ W``), and Reshapes whose target entry is a
-    dim of some value (``Shape(t)[j]``) or a copied (``0``) dim. Returns where the dim comes from."""
+    every dim but the last (elementwise, last-axis ops, ``x @ W``), the attention ops (dims 0 and 1 are
+    the query's), Reshapes whose target entry is a dim of some value (``Shape(t)[j]``) or a copied (``0``)
+    dim, and residual Adds whose two inputs get the dim from one origin (a nested search per input,
+    ``depth`` deep, its answers kept in ``memo``). Returns where the dim comes from."""
+    memo = {} if memo is None else memo
+    key = (id(value), i)
+    if key not in memo:
+        memo[key] = _origin(value, i, depth, memo)
+    return memo[key]
+
+
+def _origin(value: Value, i: int, depth: int, memo: dict) -> tuple[Value, int]:
     for _ in range(MAX_DEPTH):
         node, shape = value.producer, value.shape
         if node is None or shape is None or not 0 <= i < len(shape):
@@ -115,10 +128,28 @@ def dim_origin(value: Value, i: int) -> tuple[Value, int]:
                 continue
             return value, i
         source = _passthrough(node) if i < len(shape) - 1 else None
-        if source is None or source.shape is None or len(source.shape) != len(shape):
+        if source is not None:
+            if source.shape is None or len(source.shape) != len(shape):
+                return value, i
+            value = source
+            continue
+        origin = _common_origin(node, i, depth, memo) if depth < MAX_NESTING else None
+        if origin is None or origin == (value, i):
             return value, i
-        value = source
+        value, i = origin
     return value, i
+
+
+def _common_origin(node: Node, i: int, depth: int, memo: dict) -> tuple[Value, int] | None:
+    """For a residual ``Add``/``Sum`` of two computed tensors of the output's rank: the common origin of
+    dim ``i`` of both inputs (equal dims broadcast to themselves), or None."""
+    ins, out = node.inputs, node.outputs[0]
+    if node.op_type not in ("Add", "Sum") or len(ins) != 2 or any(v is None or v.shape is None for v in ins):
+        return None
+    if out.shape is None or not len(ins[0].shape) == len(ins[1].shape) == len(out.shape):
+        return None
+    (oa, ia), (ob, ib) = (dim_origin(v, i, depth + 1, memo) for v in ins)
+    return (oa, ia) if oa is ob and ia == ib else None
 
 
 def _passthrough(node: Node) -> Value | None:
@@ -131,6 +162,8 @@ def _passthrough(node: Node) -> Value | None:
                 return x
     if node.op_type == "MatMul" and ins[1].const is not None and len(ins[1].const.shape) == 2:
         return ins[0]
+    if node.domain == "com.microsoft" and node.op_type in ("Attention", "MultiHeadAttention"):
+        return ins[0]  # output [B, S, D_v]: B and S are the query's (input 0, 3-D: checked by the caller)
     if node.op_type == "Split" and ins[0].shape is not None and node.attr("axis", 0) in (-1, len(ins[0].shape) - 1):
         return ins[0]
     return None

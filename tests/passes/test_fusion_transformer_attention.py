@@ -37,11 +37,11 @@ class Block:
         self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 
-    def projections(self, bias: bool = True) -> list[str]:
+    def projections(self, bias: bool = True, source: str = "x", prefix: str = "") -> list[str]:
         outs = []
         for p in "qkv":
-            y = self.node("MatMul", ["x", f"w{p}"], f"{p}_mm")
-            outs.append(self.node("Add", [f"b{p}", y], f"{p}_lin") if bias else y)
+            y = self.node("MatMul", [source, f"w{p}"], f"{prefix}{p}_mm")
+            outs.append(self.node("Add", [f"b{p}", y], f"{prefix}{p}_lin") if bias else y)
         return outs
 
     def heads(self, value: str, shape: str, perm: list[int], **attrs) -> str:
@@ -281,3 +281,54 @@ def test_gemm_packing_refuses_a_scaled_gemm():
     assert "MultiHeadAttention" in ops(fused) and "Attention" not in ops(fused)
     why = reasons(fused, "pack-qkv-gemm", attention.PackQkvAttention.rules)
     assert any("scales or transposes A" in r for r in why), why
+
+
+def two_layers() -> onnx.ModelProto:
+    """Two BERT layers as TorchScript writes them: head shapes and the Reshape back to [B, S, D] computed
+    from Shape(layer input), a residual Add + LayerNorm between the layers, a mask of dims [B, 1, 1, kv]
+    that must be expanded to [B, 1, S, S]."""
+    b = Block()
+    b.inputs.append(helper.make_tensor_value_info("mask", F, ["batch", 1, 1, "kv"]))
+    gamma, beta = b.const("gamma", np.ones(D, np.float32)), b.const("beta", np.zeros(D, np.float32))
+    x = "x"
+    for layer in ("l0_", "l1_"):
+        q, k, v = b.projections(source=x, prefix=layer)
+        lead = b.node("Shape", [x], f"{layer}lead", start=0, end=2)
+        shape = b.node("Concat", [lead, b.const(f"{layer}tail", np.array([HEADS, HEAD]))], f"{layer}split", axis=0)
+        qh, kt, vh = (b.heads(q, shape, [0, 2, 1, 3]), b.heads(k, shape, [0, 2, 3, 1]),
+                      b.heads(v, shape, [0, 2, 1, 3]))
+        scores = b.node("Div", [b.node("MatMul", [qh, kt], f"{layer}scores"), b.const(f"{layer}scale",
+                                                                                        np.float32(HEAD ** 0.5))],
+                        f"{layer}scaled")
+        probs = b.node("Softmax", [b.node("Add", [scores, "mask"], f"{layer}masked")], f"{layer}probs", axis=-1)
+        ctx = b.node("Transpose", [b.node("MatMul", [probs, vh], f"{layer}ctx")], f"{layer}ctx_t", perm=[0, 2, 1, 3])
+        merge = b.node("Concat", [lead, b.const(f"{layer}hidden", np.array([D]))], f"{layer}merge", axis=0)
+        attn = b.node("Reshape", [ctx, merge], f"{layer}attn")
+        residual = b.node("Add", [b.node("MatMul", [attn, "wv"], f"{layer}proj"), x], f"{layer}residual")
+        x = b.node("LayerNormalization", [residual, gamma, beta], f"{layer}out", axis=-1)
+    graph = helper.make_graph(b.nodes, "layers", b.inputs, [helper.make_tensor_value_info(x, F, ["batch", "seq", D])],
+                              b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_layers_share_one_expanded_mask_and_lose_the_output_reshapes():
+    original = two_layers()
+    fused = fuse(original, ("fuse-attention", "pack-qkv-attention", "eliminate-common-subexpressions"))
+    assert ops(fused).count("Attention") == 2
+    assert ops(fused).count("Expand") == 1  # S of layer 1 traced through the residual Add to x: one mask
+    assert "Reshape" not in ops(fused)  # [B, S, heads, head] and back: both views go (mha-output-view)
+    assert all(n.inputs[0].producer.op_type == "Attention" for n in fused.graph if n.name.endswith("proj"))
+    check(original, fused)
+
+
+def test_output_view_refuses_a_target_read_from_another_tensor():
+    model = two_layers()
+    model.graph.input.append(helper.make_tensor_value_info("other", F, ["b2", "s2", D]))
+    for node in model.graph.node:
+        if node.output[0] == "l1_merge":  # [B, S] of `other`: not provably the attention output's
+            node.input[0] = "other_lead"
+    model.graph.node.insert(0, helper.make_node("Shape", ["other"], ["other_lead"], start=0, end=2))
+    fused = fuse(model)
+    assert ops(fused).count("Reshape") == 2  # layer 0's views went, layer 1's stayed
+    why = reasons(fused, "mha-output-view")
+    assert any("cannot prove entry 0" in r for r in why), why
