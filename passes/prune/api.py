@@ -30,7 +30,7 @@ from .calib import CalibSource, activation_stats, batches, load_calibration, run
 from .cost import group_cost, model_cost
 from .groups import Analysis, analyze, default_protected
 from .importance import CRITERIA, importance
-from .plan import FILTER_SET, choose, cpu_block, plan_flops, plan_ratio
+from .plan import FILTER_SET, choose, cpu_block, fill_budget, plan_flops, plan_ratio
 from .probe import ShapeTable, probe_inputs, probe_shapes
 from .reconstruct import reconstruct
 from .renorm import BN_STATS
@@ -101,6 +101,8 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
         target = f"ratio {config.ratio:g} per group"
     else:
         plan = plan_flops(analysis, prunable, config.flops, round_to, config.max_ratio, set_size)
+        if config.latency:
+            plan = fill_budget(analysis, prunable, plan, config.flops, round_to, set_size)
         target = f"keep {100 * config.flops:g}% of MACs"
     if config.latency:
         target += f", counts in blocks of {round_to} (sets of {set_size} above {set_size})"

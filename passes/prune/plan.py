@@ -106,6 +106,33 @@ def plan_flops(analysis: Analysis, groups: list[ChannelGroup], target: float, ro
     return best
 
 
+def fill_budget(analysis: Analysis, groups: list[ChannelGroup], plan: Plan, target: float, round_to: int,
+                set_size: int) -> Plan:
+    """Spend what coarse counts left of the MAC budget: raise the most pruned group whose next allowed count
+    still fits, one step at a time (whole filter sets leave up to a set per group unspent: on the digits CNN
+    the uniform plan kept 37 % of the MACs for a 50 % target)."""
+    budget = target * model_cost(analysis, {})[0]
+    keep = dict(plan.keep)
+    steps = {g.id: _allowed_counts(g.n, round_to, g.width(g.primary_dim(analysis)), set_size) for g in groups}
+    while True:
+        for group in sorted(groups, key=lambda g: (keep[g.id] / g.n, g.id)):
+            up = next((c for c in steps[group.id] if c > keep[group.id]), None)
+            if up is None:
+                continue
+            trial = {**keep, group.id: up}
+            macs, params = model_cost(analysis, removed_counts(analysis, trial))
+            if macs <= budget:
+                keep, plan = trial, Plan(plan.ratio, trial, macs, params)
+                break
+        else:
+            return plan
+
+
+def _allowed_counts(n: int, round_to: int, width: float, set_size: int) -> list[int]:
+    """The atom counts ``keep_count`` can give for a group of ``n``, ascending."""
+    return sorted({keep_count(n, 1.0 - c / n, round_to, width, set_size) for c in range(1, n + 1)})
+
+
 def choose(scores: np.ndarray, keep: int) -> np.ndarray:
     """Positions of the atoms to remove: the lowest scores (stable sort, so ties break deterministically)."""
     order = np.argsort(scores, kind="stable")

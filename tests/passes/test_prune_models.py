@@ -85,7 +85,7 @@ def test_latency_counts_are_whole_blocks_and_filter_sets(zoo):
     verify(model.graph)
     kept = [g.channels_after for g in report.groups if g.status == "pruned"]
     assert kept and all(c % 8 == 0 and (c <= 32 or c % 32 == 0) for c in kept), kept
-    assert report.macs_kept <= 0.5
+    assert 0.47 < report.macs_kept <= 0.5  # what the coarse counts left of the budget is spent (0.455 without)
     outputs_like(zoo, name, model)
 
 
