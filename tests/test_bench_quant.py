@@ -16,6 +16,7 @@ import onnx
 import pytest
 
 from tests.helpers import parse
+from tools.bench.quant_data import build_data
 from tools.bench.quantizers import ORT_METHODS
 from tools.bench_quant import default_method, evaluate, main, score
 
@@ -124,3 +125,14 @@ def test_an_invalid_model_is_a_result_not_a_crash(tmp_path):
     assert got["garbage"]["invalid"] and got["garbage"]["error"].startswith("invalid model: onnx.checker")
     assert got["unknown_op"]["invalid"] and "onnxruntime cannot load it" in got["unknown_op"]["error"]
     assert got["good"]["ok"] and np.array_equal(np.load(got["good"]["outputs_file"]), np.ones((1, 4), np.float32))
+
+
+def test_image_calibration_covers_the_evaluation_inputs():
+    # One fixed normalization for both photos, as real preprocessing does: every held-out pixel lies inside the
+    # calibrated input range (per-photo standardization left a quarter of them outside, clipped by any quantizer).
+    data = build_data("resnet_torchscript", 100)
+    calib = np.concatenate([sample["images"] for sample in data.calib])
+    held = np.concatenate([batch["images"] for batch in data.eval_batches])
+    assert data.counts == {"calib": 100, "eval": 300, "latency_batch": 1}
+    assert calib.min() <= held.min() and held.max() <= calib.max()
+    assert 0.3 < held.std() < 3.0 and not np.array_equal(calib[:1], held[:1])
