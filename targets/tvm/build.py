@@ -96,7 +96,7 @@ def compile_model(
         clock = time.perf_counter()
         mod = lower_to_tasks(mod, tvm_target)
         report = tune(mod, tvm_target, db_dir, tune_trials, rpc=rpc, on_progress=on_progress)
-        mod = apply_database(mod, tvm_target, db_dir)
+        mod = prepack_weights(apply_database(mod, tvm_target, db_dir), tvm_target)
         seconds["tune"] = time.perf_counter() - clock
     clock = time.perf_counter()
     executable = _compile(mod, tvm_target)
@@ -122,16 +122,33 @@ def compile_model(
 
 
 def lower_to_tasks(mod, target):
-    """Legalize and fuse: the Relax module whose TIR functions are MetaSchedule's tasks."""
+    """Legalize and fuse: the Relax module whose TIR functions are MetaSchedule's tasks.
+
+    On CPU the weights (constants here) are marked layout-free, so MetaSchedule's RewriteLayout
+    may store them in the blocked order its tiling reads (NCHWc-like packing for convolutions);
+    :func:`prepack_weights` then does that repacking once, at compile time.
+    """
     import tvm
     from tvm import relax
 
+    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+              relax.get_pipeline("zero")]
+    if target.kind.name == "llvm":
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     with target:
-        return tvm.transform.Sequential([
-            relax.transform.DecomposeOpsForInference(),
-            relax.transform.CanonicalizeBindings(),
-            relax.get_pipeline("zero"),
-        ])(mod)
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def prepack_weights(mod, target):
+    """Move the tuned kernels' weight-layout rewrites out of the kernels and fold them on the constants."""
+    import tvm
+    from tvm import relax
+
+    if target.kind.name != "llvm":
+        return mod
+    with target:
+        return tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
+                                         relax.transform.FoldConstant()])(mod)
 
 
 def _compile(mod, target):

@@ -7,7 +7,11 @@ servers registered with a tracker under a key, which spreads it over machines.
 
 The builder uses :func:`build_candidate` instead of MetaSchedule's default build function: the
 default one re-imports ``tvm.s_tir.tensor_intrin`` (~40 s here) in every worker batch, so with the
-default timeout every candidate fails and "tuning" silently changes nothing (TVM_FACTS.md).
+default timeout every candidate fails and "tuning" silently changes nothing (TVM_FACTS.md). Its
+worker processes are also kept across batches (``LocalBuilder`` starts fresh ones per batch, each
+paying ``import tvm``: 27 % of a profiled run, ~19 s per batch on the loaded 2-core machine).
+
+Search settings (:class:`SearchConfig`) are sized for small budgets on few cores; see its docstring.
 The tuner process itself imports that library once (``TuneContext``): it registers the tensor
 intrinsics of every backend (~80 s of CPU here, mostly CUDA, ARM, Hexagon, RISC-V, ROCm).
 :func:`import_intrinsics_for` imports only the target's own family first (x86: ~1 s), which
@@ -19,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
-import math
 import sys
 import time
 import types
@@ -50,6 +53,40 @@ class RPCConfig:
         if not sep or not host or not port.isdigit():
             raise GraphoptError(f"bad --rpc-tracker {tracker!r}", hint="write HOST:PORT, e.g. 127.0.0.1:9190")
         return cls(host, int(port), key, workers)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """MetaSchedule search settings; the defaults are what a profile of small budgets on 2 cores asked for.
+
+    With MetaSchedule's defaults (population 512, 4 genetic iterations, a fresh build pool per batch)
+    a 24-trial ResNet run spent 51 % in mutation, 13 % sampling the initial population and 27 %
+    starting build workers: ~35 s per measured candidate. The evolutionary search runs once per
+    batch, so its cost is per batch: a smaller population and fewer iterations cut it, and batches
+    of up to ``max_batch`` candidates spread it over more measurements. ``max_trials_per_task`` is
+    not capped to an even share, so the gradient task scheduler moves the budget to the tasks whose
+    latency (x occurrences) is largest and still falling, after one round-robin batch per task.
+    """
+
+    population: int = 256
+    genetic_iters: int = 3
+    init_min_unmeasured: int = 64  # random samples kept in the initial population (<= population)
+    max_batch: int = 32  # candidates measured per search round
+    min_batch: int = 8
+    number: int = 3  # the runner's evaluator: runs per repeat, repeats, minimum time per repeat
+    repeat: int = 1
+    min_repeat_ms: int = 40
+
+    def batch(self, trials: int, tasks: int) -> int:
+        """Candidates per round: about three rounds per task, and every task gets its first round."""
+        return max(1, min(self.max_batch, max(self.min_batch, trials // (3 * tasks)), trials // tasks))
+
+    def strategy(self):
+        from tvm.s_tir import meta_schedule as ms
+
+        return ms.search_strategy.EvolutionarySearch(
+            population_size=self.population, genetic_num_iters=self.genetic_iters,
+            init_min_unmeasured=min(self.init_min_unmeasured, self.population))
 
 
 @dataclass
@@ -130,6 +167,7 @@ def tune(
     rpc: RPCConfig | None = None,
     on_progress: Callable[[int, int, str], None] | None = None,
     seed: int = 0,
+    search: SearchConfig = SearchConfig(),
 ) -> TuningReport:
     """Tune the TIR tasks of ``mod`` (a legalized, fused Relax module) that ``db_dir`` lacks, ``trials`` in all.
 
@@ -149,23 +187,26 @@ def tune(
     if not missing:
         logger.info("all %d tasks are in the tuning database %s: nothing to tune", len(tasks), db_dir)
     else:
-        per_task = max(1, math.ceil(trials / len(missing)))
+        batch = search.batch(trials, len(missing))
         ms_logger = logging.getLogger(MS_LOGGER)
         ms_logger.handlers.clear()  # MetaSchedule's logger setup fails on handlers left by an earlier run
         ms_logger.setLevel(logging.DEBUG)  # everything goes to <db>/logs; the console gets INFO only with -v
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            missing, str(db_dir), num_threads=_cores(target), seed=seed)
+            missing, str(db_dir), strategy=search.strategy(), num_threads=_cores(target), seed=seed)
         for handler in ms_logger.handlers:
             if handler.get_name() == f"{MS_LOGGER}.console":
                 handler.setLevel(logging.INFO if logger.isEnabledFor(logging.INFO) else logging.WARNING)
         counter = _Counter(trials, [t.task_name for t in missing], on_progress)
-        ms.tune.tune_tasks(
-            tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=trials,
-            max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task),
-            builder=ms.builder.LocalBuilder(f_build=build_candidate, max_workers=_cores(target), timeout_sec=120),
-            runner=_runner(rpc), database=db, cost_model="xgb",
-            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter.callback()],
-        )
+        builder = _persistent_builder(_cores(target))
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=trials,
+                max_trials_per_task=trials, num_trials_per_iter=batch,
+                builder=builder, runner=_runner(rpc, search), database=db, cost_model="xgb",
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter.callback()],
+            )
+        finally:
+            builder.pool.shutdown()
         report.trials, report.failed = counter.ok, counter.failed
         if counter.ok == 0:
             raise GraphoptError(f"tuning measured no candidate successfully ({counter.failed} failed)",
@@ -193,10 +234,48 @@ def _cores(target) -> int:
     return int(cores) if cores else usable_cores()
 
 
-def _runner(rpc: RPCConfig | None):
+def _persistent_builder(workers: int):
+    """A MetaSchedule builder running :func:`build_candidate` in worker processes kept across batches.
+
+    Workers are replaced after ``BUILDS_PER_WORKER`` builds: LocalBuilder's reason for fresh pools is
+    memory that TVM leaks in long-lived workers.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder, local_builder
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    @derived_object
+    class PersistentBuilder(PyBuilder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = PopenPoolExecutor(max_workers=workers, timeout=BUILD_TIMEOUT_S,
+                                          maximum_process_uses=BUILDS_PER_WORKER)
+
+        def build(self, build_inputs):
+            jobs = [(build_candidate, None, b.mod, b.target, local_builder._serialize_params(b.params))
+                    for b in build_inputs]
+            results = []
+            for done in self.pool.map_with_error_catching(lambda job: local_builder._worker_func(*job), jobs):
+                if done.status == StatusKind.COMPLETE:
+                    results.append(BuilderResult(done.value, None))
+                elif done.status == StatusKind.TIMEOUT:
+                    results.append(BuilderResult(None, f"build timed out after {BUILD_TIMEOUT_S} s"))
+                else:
+                    results.append(BuilderResult(None, f"build failed: {done.value}"))
+            return results
+
+    return PersistentBuilder()
+
+
+BUILD_TIMEOUT_S = 120
+BUILDS_PER_WORKER = 256
+
+
+def _runner(rpc: RPCConfig | None, search: SearchConfig):
     from tvm.s_tir import meta_schedule as ms
 
-    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40)
+    evaluator = ms.runner.EvaluatorConfig(number=search.number, repeat=search.repeat,
+                                          min_repeat_ms=search.min_repeat_ms)
     if rpc is None:
         return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator)
     config = ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
