@@ -10,8 +10,9 @@ kernels (MLAS NCHWc): channels are laid out in blocks of 8 floats (AVX2; 16
 with AVX-512) and a count that is not a multiple of the block leaves the fast
 blocked path; output channels are computed in *sets* of up to 4 blocks, each
 set one pass over the input, so 40 channels (a set of 4 blocks and one of 1)
-cost nearly what 64 do. Measured on the small ResNet: uniform counts 8/16/40
-run in 0.70x of the unpruned time at batch 1, 8/16/32 in 0.63x.
+cost nearly what 64 do. Measured on the small ResNet at batch 1: counts
+8/16/16/40/40 run in 0.68-0.72x of the unpruned time, 8/16/16/32/32 in 0.63-0.65x
+(docs/prune.md).
 """
 
 from __future__ import annotations
