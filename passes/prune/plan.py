@@ -46,12 +46,10 @@ def keep_count(n: int, ratio: float, round_to: int = 1, width: float = 1.0, set_
     With ``set_size``, counts above ``set_size`` multiples round down to multiples of ``set_size``
     multiples (whole filter sets, see the module docstring)."""
     kept = math.floor(n * (1.0 - ratio) + 1e-9)
-    step = 1
-    if round_to > 1:
-        w = int(round(width)) if abs(width - round(width)) < 1e-9 and width >= 1 else 1
-        step = round_to // math.gcd(round_to, w)
-    if step > 1:
-        unit = step * set_size if kept > step * set_size else step
+    w = int(round(width)) if abs(width - round(width)) < 1e-9 and width >= 1 else 1
+    step, set_step = (m // math.gcd(m, w) for m in (round_to, round_to * set_size))  # in atoms of w channels
+    if set_step > 1:
+        unit = set_step if kept > set_step else step
         kept -= kept % unit
         kept = max(kept, step)
     return int(min(max(kept, 1), n))
