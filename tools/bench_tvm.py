@@ -77,21 +77,30 @@ def median_ms(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def interleaved(variants: dict[str, Any], rounds: int, repeat: int, with_peak: bool = True) -> dict[str, float]:
-    """Median over rounds of each variant's per-round median (ms); ``peak`` GFLOP/s (best round) too."""
+def interleaved(variants: dict[str, Any], rounds: int, repeat: int, with_peak: bool = True) -> dict[str, list[float]]:
+    """Each variant's per-round median (ms), variants run in turn within a round (order rotated every
+    round, so none always follows the same neighbour); ``peak`` GFLOP/s per round too."""
     for fn in variants.values():
         fn()  # warm up
-    samples: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
     peaks = []
-    for _ in range(rounds):
+    for r in range(rounds):
         if with_peak:
             peaks.append(peak_gflops())
-        for name, fn in variants.items():
-            samples[name].append(median_ms(fn, repeat))
-    result = {name: statistics.median(s) for name, s in samples.items()}
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            samples[name].append(median_ms(variants[name], repeat))
     if with_peak:
-        result["peak_gflops"] = max(peaks)
-    return result
+        samples["peak_gflops"] = peaks
+    return samples
+
+
+def paired(samples: dict[str, list[float]], baseline: str) -> dict[str, tuple[float, float]]:
+    """name -> (median ms, median over rounds of ms / baseline's ms in the same round): load that
+    changes between rounds affects both sides of each ratio alike."""
+    base = samples[baseline]
+    return {name: (statistics.median(s), statistics.median(a / b for a, b in zip(s, base, strict=True)))
+            for name, s in samples.items() if name != "peak_gflops"}
 
 
 def close(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[bool, float]:
@@ -110,6 +119,7 @@ def close(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[bool,
 
 # ------------------------------------------------------------------------------------------ CPU mode
 def bench_cpu_model(name: str, budgets: list[int], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Compile (and tune) every variant, check it against onnxruntime, then time all of them interleaved."""
     import graphopt
     from graphopt.summary import summarize
     from graphopt.targets.tvm import compile_model, load
@@ -127,27 +137,34 @@ def bench_cpu_model(name: str, budgets: list[int], args: argparse.Namespace, wor
         label = "tvm_untuned" if trials == 0 else f"tvm_tuned_{trials}"
         start = time.perf_counter()
         result = compile_model(path, workdir / name / label, shapes=shapes, tune_trials=trials,
-                               db=workdir / name / f"db_{trials}")
+                               db=workdir / name / f"db_{trials}",
+                               tune_time_limit_s=60 * args.tune_minutes if args.tune_minutes else None)
         runner = load(result.path)
         ok, err = close(reference, runner.run(feeds))
         row["variants"][label] = {"compile_s": time.perf_counter() - start, "matches_ort": ok, "err_over_rms": err,
                                   "tune_s": result.seconds.get("tune"),
                                   "trials_measured": result.tuning.trials if result.tuning else None,
-                                  "tasks": result.tuning.tasks if result.tuning else None}
+                                  "tasks": result.tuning.tasks if result.tuning else None,
+                                  "time_limited": result.tuning.timed_out if result.tuning else None,
+                                  "loadavg_after": os.getloadavg()}
         runners[label] = runner
     session = ort_session(path, ["CPUExecutionProvider"])
     fns = {"ort": lambda: session.run(None, feeds)}
     fns.update({label: _bound(r, feeds) for label, r in runners.items()})
-    timing = interleaved(fns, args.rounds, args.repeat)
-    row["peak_gflops"] = timing.pop("peak_gflops")
-    row["ort_ms"] = timing.pop("ort")
-    for label, ms in timing.items():
+    load_before = os.getloadavg()
+    samples = interleaved(fns, args.rounds, args.repeat)
+    row["loadavg_timing"] = [load_before, os.getloadavg()]
+    row["peak_gflops"] = max(samples["peak_gflops"])
+    timing = paired(samples, "ort")
+    row["ort_ms"] = timing.pop("ort")[0]
+    for label, (ms, ratio) in timing.items():
         v = row["variants"][label]
-        v["ms"], v["vs_ort"] = ms, ms / row["ort_ms"]
+        v["ms"], v["vs_ort"] = ms, ratio
         v["gflops"] = 2 * macs / ms / 1e6 if macs else None
         v["peak_fraction"] = v["gflops"] / row["peak_gflops"] if macs else None
     row["ort_peak_fraction"] = 2 * macs / row["ort_ms"] / 1e6 / row["peak_gflops"] if macs else None
-    best = min((label for label in timing if label != "tvm_untuned"), key=timing.get, default="tvm_untuned")
+    best = min((label for label in timing if label != "tvm_untuned"), key=lambda k: timing[k][0],
+               default="tvm_untuned")
     row["profile"] = {"variant": best, "kernels": runners[best].profile(feeds)[: args.profile_top]}
     return row
 
@@ -179,10 +196,17 @@ def cpu_markdown(rows: list[dict[str, Any]]) -> str:
             body.append([row["model"], label, f"{v['ms']:.3f}", f"{v['vs_ort']:.2f}", _pct(v["peak_fraction"]),
                          f"{v['compile_s']:.0f}", v["trials_measured"] if v["trials_measured"] is not None else "-",
                          f"{v['tune_s']:.0f}" if v["tune_s"] else "-", "yes" if v["matches_ort"] else "NO"])
-    lines.append(table(["model", "variant", "ms", "x ORT", "% peak", "compile s", "trials", "tune s",
+    lines.append(table(["model", "variant", "ms", "x ORT (paired)", "% peak", "compile s", "trials", "tune s",
                         "matches ORT"], body, align_right_from=2))
     lines.append("")
     lines.append(f"peak (numpy fp32 2048^3 matmul, same run): {rows[0]['peak_gflops']:.0f} GFLOP/s" if rows else "")
+    lines.append("x ORT: median over rounds of the variant's ms / onnxruntime's ms in the same round.")
+    for row in rows:
+        load = row["loadavg_timing"]
+        lines.append(f"{row['model']}: load average (1 min) {load[0][0]:.1f} before / {load[1][0]:.1f} after timing; "
+                     + ", ".join(f"{label} tuning ended at load {v['loadavg_after'][0]:.1f}"
+                                 + (" (time limit hit)" if v["time_limited"] else "")
+                                 for label, v in row["variants"].items() if v["tune_s"]))
     for row in rows:
         lines += ["", f"### where the time goes: {row['model']} ({row['profile']['variant']})", ""]
         lines.append(table(["function", "calls/run", "ms/run", "share"],
@@ -265,10 +289,10 @@ def run_bundle(bundle: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
         session = ort_session(str(folder / "model.onnx"), providers)
         ort_ok, _ = close(reference, dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds),
                                               strict=True)))
-        timing = interleaved({"ort": lambda s=session, f=feeds: s.run(None, f), "tvm": _bound(runner, feeds)},
-                             args.rounds, args.repeat, with_peak=False)
-        rows.append({"model": folder.name, "baseline": baseline, "ort_ms": timing["ort"], "tvm_ms": timing["tvm"],
-                     "vs_ort": timing["tvm"] / timing["ort"], "tvm_matches_ort": ok, "err_over_rms": err,
+        timing = paired(interleaved({"ort": lambda s=session, f=feeds: s.run(None, f), "tvm": _bound(runner, feeds)},
+                                    args.rounds, args.repeat, with_peak=False), "ort")
+        rows.append({"model": folder.name, "baseline": baseline, "ort_ms": timing["ort"][0], "tvm_ms": timing["tvm"][0],
+                     "vs_ort": timing["tvm"][1], "tvm_matches_ort": ok, "err_over_rms": err,
                      "ort_matches_reference": ort_ok, "load_and_jit_s": load_s})
         print(json.dumps(rows[-1]))
     return rows
@@ -289,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--models", help="comma-separated zoo names")
     parser.add_argument("--trials", default="64,256", help="tuning budgets (comma-separated), e.g. 64,256,1000")
+    parser.add_argument("--tune-minutes", type=float, help="wall-time limit of each tuning run (trials are the cap)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--repeat", type=int, default=20, help="runs per round")
     parser.add_argument("--profile-top", type=int, default=8, help="kernels listed per model")

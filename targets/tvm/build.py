@@ -57,12 +57,13 @@ def compile_model(
     rpc: RPCConfig | None = None,
     num_cores: int | None = None,
     on_progress: Callable[[int, int, str], None] | None = None,
+    tune_time_limit_s: float | None = None,
 ) -> CompileResult:
     """Compile ``model`` for ``target`` ("cpu" or "cuda") into artifact directory ``output``.
 
     ``shapes`` binds inputs (``{"images": [1, 3, 64, 64]}``) or symbolic dims (``{"seq": [16]}``);
     other dims stay symbolic. ``tune_trials > 0`` tunes with MetaSchedule first (database ``db``,
-    reused across runs; measurement over ``rpc`` when given).
+    reused across runs; measurement over ``rpc`` when given; at most ``tune_time_limit_s`` of tuning).
     """
     out = Path(output)
     source, sha = _source(model)
@@ -95,7 +96,8 @@ def compile_model(
                                 hint="bind them with --shape NAME=N (compile without --tune keeps them dynamic)")
         clock = time.perf_counter()
         mod = lower_to_tasks(mod, tvm_target)
-        report = tune(mod, tvm_target, db_dir, tune_trials, rpc=rpc, on_progress=on_progress)
+        report = tune(mod, tvm_target, db_dir, tune_trials, rpc=rpc, on_progress=on_progress,
+                      time_limit_s=tune_time_limit_s)
         mod = prepack_weights(apply_database(mod, tvm_target, db_dir), tvm_target)
         seconds["tune"] = time.perf_counter() - clock
     clock = time.perf_counter()

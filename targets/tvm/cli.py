@@ -28,14 +28,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise GraphoptError("--rpc-tracker and --rpc-key go together")
-    if (args.rpc_tracker or args.db or args.trials is not None) and not args.tune:
-        raise GraphoptError("--trials, --db and --rpc-* only apply with --tune")
+    if (args.rpc_tracker or args.db or args.trials is not None or args.tune_minutes is not None) and not args.tune:
+        raise GraphoptError("--trials, --tune-minutes, --db and --rpc-* only apply with --tune")
+    if args.tune_minutes is not None and args.tune_minutes <= 0:
+        raise GraphoptError(f"--tune-minutes must be positive, got {args.tune_minutes}")
     rpc = RPCConfig.parse(args.rpc_tracker, args.rpc_key, args.rpc_workers) if args.rpc_tracker else None
     trials = (args.trials if args.trials is not None else 256) if args.tune else 0
     with _progress(trials) as on_progress:
         result = compile_model(args.model, args.output, target=args.target, arch=args.arch,
                                shapes=parse_shapes(args.shape), tune_trials=trials, db=args.db or DEFAULT_DB,
-                               rpc=rpc, num_cores=args.num_cores, on_progress=on_progress)
+                               rpc=rpc, num_cores=args.num_cores, on_progress=on_progress,
+                               tune_time_limit_s=None if args.tune_minutes is None else 60 * args.tune_minutes)
     report = result.tuning
     if args.json:
         print(json.dumps({"output": str(result.path), "manifest": result.manifest,
@@ -46,7 +49,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         out.print(f"tuning: all {report.tasks} tasks already in {report.database}; nothing tuned")
     elif report is not None:
         out.print(f"tuning: {len(report.tuned)} of {report.tasks} tasks tuned, {report.trials} trials measured "
-                  f"({report.failed} failed) in {report.seconds:.0f} s; database {report.database}")
+                  f"({report.failed} failed) in {report.seconds:.0f} s{' (time limit)' if report.timed_out else ''}; "
+                  f"database {report.database}")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     out.print(f"compiled for {describe_target(result.manifest)} ({stages}); wrote {result.path}")
     return 0
@@ -156,6 +160,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "Dims left open stay symbolic")
     p.add_argument("--tune", action="store_true", help="tune with MetaSchedule before building")
     p.add_argument("--trials", type=int, help="tuning trial budget over all tasks (default 256)")
+    p.add_argument("--tune-minutes", type=float, metavar="MIN",
+                   help="stop tuning after the first batch that ends past this wall time (keeps what was measured)")
     p.add_argument("--db", metavar="DIR", help="tuning database, reused across runs (default ~/.cache/graphopt/"
                                                "tvm-tuning)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on RPC servers registered with this tracker")

@@ -97,6 +97,7 @@ class TuningReport:
     reused: list[str] = field(default_factory=list)  # tasks the database already had
     trials: int = 0  # candidates measured successfully in this run
     failed: int = 0  # candidates that failed to build or run
+    timed_out: bool = False  # stopped by the time limit before the trial budget was spent
     seconds: float = 0.0
     digest: str = ""
 
@@ -168,10 +169,12 @@ def tune(
     on_progress: Callable[[int, int, str], None] | None = None,
     seed: int = 0,
     search: SearchConfig = SearchConfig(),
+    time_limit_s: float | None = None,
 ) -> TuningReport:
     """Tune the TIR tasks of ``mod`` (a legalized, fused Relax module) that ``db_dir`` lacks, ``trials`` in all.
 
-    ``on_progress(done, total, task_name)`` is called after every measured batch.
+    ``on_progress(done, total, task_name)`` is called after every measured batch. With
+    ``time_limit_s`` the tuner stops after the first batch that ends past it (what was measured is kept).
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -196,7 +199,8 @@ def tune(
         for handler in ms_logger.handlers:
             if handler.get_name() == f"{MS_LOGGER}.console":
                 handler.setLevel(logging.INFO if logger.isEnabledFor(logging.INFO) else logging.WARNING)
-        counter = _Counter(trials, [t.task_name for t in missing], on_progress)
+        deadline = None if time_limit_s is None else start + time_limit_s
+        counter = _Counter(trials, [t.task_name for t in missing], on_progress, deadline)
         builder = _persistent_builder(_cores(target))
         try:
             ms.tune.tune_tasks(
@@ -207,7 +211,7 @@ def tune(
             )
         finally:
             builder.pool.shutdown()
-        report.trials, report.failed = counter.ok, counter.failed
+        report.trials, report.failed, report.timed_out = counter.ok, counter.failed, counter.timed_out
         if counter.ok == 0:
             raise GraphoptError(f"tuning measured no candidate successfully ({counter.failed} failed)",
                                 hint="run with -v to see MetaSchedule's build/run errors")
@@ -286,9 +290,11 @@ def _runner(rpc: RPCConfig | None, search: SearchConfig):
 class _Counter:
     """Counts measured candidates and forwards progress (a MetaSchedule measure callback)."""
 
-    def __init__(self, total: int, names: list[str], on_progress: Callable[[int, int, str], None] | None) -> None:
-        self.total, self.names, self.on_progress = total, names, on_progress
+    def __init__(self, total: int, names: list[str], on_progress: Callable[[int, int, str], None] | None,
+                 deadline: float | None = None) -> None:
+        self.total, self.names, self.on_progress, self.deadline = total, names, on_progress, deadline
         self.ok = self.failed = 0
+        self.timed_out = False
 
     def callback(self):
         from tvm.ir.utils import derived_object
@@ -307,5 +313,10 @@ class _Counter:
                         logger.debug("candidate failed: %s", (built.error_msg or ran.error_msg or "")[-500:])
                 if counter.on_progress is not None:
                     counter.on_progress(counter.ok + counter.failed, counter.total, counter.names[task_id])
+                if counter.deadline is not None and time.perf_counter() > counter.deadline:
+                    counter.timed_out = True
+                    for other, record in enumerate(task_scheduler.tasks_):
+                        if not record.is_terminated:  # a terminated task's pending batch is still committed
+                            task_scheduler.terminate_task(other)
 
         return Progress()

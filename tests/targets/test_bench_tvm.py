@@ -15,14 +15,21 @@ pytestmark = pytest.mark.xdist_group("tvm")
 
 
 def test_cpu_row_has_latency_peak_fraction_profile_and_matches_onnxruntime(tmp_path):
-    args = argparse.Namespace(rounds=1, repeat=2, profile_top=3)
+    args = argparse.Namespace(rounds=1, repeat=2, profile_top=3, tune_minutes=None)
     row = bench_tvm.bench_cpu_model("digits_cnn_dynamo", [], args, tmp_path)
     untuned = row["variants"]["tvm_untuned"]
     assert untuned["matches_ort"] and untuned["ms"] > 0 and row["ort_ms"] > 0
     assert row["macs"] > 0 and 0 < untuned["peak_fraction"] < 2 and row["peak_gflops"] > 0
     assert row["profile"]["kernels"] and any("conv2d" in k["function"] for k in row["profile"]["kernels"])
     text = bench_tvm.cpu_markdown([row])
-    assert "digits_cnn_dynamo" in text and "where the time goes" in text
+    assert "digits_cnn_dynamo" in text and "where the time goes" in text and "load average" in text
+
+
+def test_ratios_are_paired_per_round():
+    # a load burst in round 2 slows both sides: the paired ratio stays 2, the ratio of medians would not
+    samples = {"ort": [1.0, 5.0, 1.0], "tvm": [2.0, 10.0, 2.5], "peak_gflops": [1.0, 1.0, 1.0]}
+    timing = bench_tvm.paired(samples, "ort")
+    assert timing["ort"] == (1.0, 1.0) and timing["tvm"] == (2.5, 2.0) and "peak_gflops" not in timing
 
 
 def test_close_uses_the_fp32_rule():
