@@ -11,8 +11,8 @@ with AVX-512) and a count that is not a multiple of the block leaves the fast
 blocked path; output channels are computed in *sets* of up to 4 blocks, each
 set one pass over the input, so 40 channels (a set of 4 blocks and one of 1)
 cost nearly what 64 do. Measured on the small ResNet at batch 1: counts
-8/16/16/40/40 run in 0.68-0.72x of the unpruned time, 8/16/16/32/32 in 0.63-0.65x
-(docs/prune.md).
+8/16/16/40/40 run in about 0.70x of the unpruned time, 8/16/16/32/32 in about
+0.65x (docs/prune.md).
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ FILTER_SET = 4
 
 def cpu_block() -> int:
     """Channels per NCHWc block in onnxruntime's CPU kernels on this machine: 16 with AVX-512F, else 8."""
-    from numpy._core._multiarray_umath import __cpu_features__
-
+    try:  # numpy's CPU feature table: the same CPUID bits MLAS dispatches on
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # a numpy without it: the AVX2 block
+        return 8
     return 16 if __cpu_features__.get("AVX512F") else 8
 
 
