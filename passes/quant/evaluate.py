@@ -42,8 +42,7 @@ def output_errors(ref: Outputs, got: Outputs) -> dict[str, float]:
     rel_l2: ||ref - got|| / ||ref|| over everything; sqnr_db: 10 log10(signal / noise)."""
     cosines, signal, noise = [], 0.0, 0.0
     for r, g in zip(ref, got, strict=True):
-        a = np.concatenate([np.ravel(v).astype(np.float64) for v in r.values() if v.dtype.kind == "f"])
-        b = np.concatenate([np.ravel(g[k]).astype(np.float64) for k, v in r.items() if v.dtype.kind == "f"])
+        a, b = _float_values(r, r), _float_values(g, r)
         denom = np.linalg.norm(a) * np.linalg.norm(b)
         cosines.append(float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b)))
         signal += float(a @ a)
@@ -51,6 +50,18 @@ def output_errors(ref: Outputs, got: Outputs) -> dict[str, float]:
     rel = math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf)
     sqnr = 10 * math.log10(signal / noise) if noise > 0 else math.inf
     return {"cosine": float(np.mean(cosines)), "rel_l2": rel, "sqnr_db": sqnr}
+
+
+def _float_values(outputs: Mapping[str, object], ref: Mapping[str, object]) -> np.ndarray:
+    """The float outputs (those that are float in ``ref``) flattened into one vector; a ZipMap's sequence of
+    {label: probability} maps counts as its probabilities. Integer and string outputs are not compared."""
+    parts = []
+    for name, value in ref.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            parts.append(np.ravel(outputs[name]))
+        elif isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+            parts.append(np.array([[m[k] for k in sorted(m)] for m in outputs[name]]).ravel())
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
 
 
 def metric_value(errors: Mapping[str, float], metric: str) -> float:

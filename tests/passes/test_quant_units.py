@@ -230,3 +230,13 @@ def test_concat_inputs_share_one_scale():
     assert scales["a"] == scales["b"] == scales["c"]
     ref, got = run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib)
     assert output_errors(ref, got)["cosine"] > 0.999
+
+
+def test_output_errors_read_zipmap_probabilities_and_skip_integer_labels():
+    # a scikit-learn classifier's outputs: int64 labels and ZipMap's list of {class: probability} maps
+    ref = [{"label": np.array([1]), "probabilities": [{0: 0.25, 1: 0.75}]}]
+    got = [{"label": np.array([0]), "probabilities": [{0: 0.5, 1: 0.5}]}]
+    errors = output_errors(ref, got)
+    assert errors["rel_l2"] == pytest.approx(np.hypot(0.25, 0.25) / np.hypot(0.25, 0.75))
+    assert errors["cosine"] == pytest.approx((0.125 + 0.375) / np.hypot(0.25, 0.75) / np.hypot(0.5, 0.5))
+    assert output_errors(ref, ref)["sqnr_db"] == np.inf
