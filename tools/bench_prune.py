@@ -29,7 +29,9 @@ statistics left), ``l1+refit+bn`` (both: what ``graphopt prune --calib`` does by
 (channels ranked by the error left after refitting), and both ends again with kept channel counts rounded
 down to multiples of 8 (``--round 8``): onnxruntime's blocked conv kernels run odd channel counts slowly,
 which can make a pruned net *slower*; ``--latency``: counts in whole NCHWc blocks and, above 4 blocks, whole
-filter sets of 4 blocks (see ``passes/prune/plan.py``).
+filter sets of 4 blocks (see ``passes/prune/plan.py``); ``--allocate latency``: the same allowed counts, but
+per group, chosen by timing pruned copies in onnxruntime (most time saved per MAC removed first; each prune
+allocates afresh, so two variants may get different counts: the spread shows the timing noise).
 
 torch-pruning rows: at the same per-layer ratio and at the same FLOPs target (each tool bisecting its own
 uniform ratio on Conv+Linear MACs), with and without BN re-estimation (PyTorch: train-mode running statistics
@@ -70,10 +72,13 @@ VARIANTS = {
     "recon+refit+bn --round 8": {"calib": True, "criterion": "recon", "round_to": 8},
     "l1 --latency": {"latency": True},
     "recon+refit+bn --latency": {"calib": True, "criterion": "recon", "latency": True},
+    "recon+refit+bn --allocate latency": {"calib": True, "criterion": "recon", "allocate": "latency"},
 }
 # the ResNet latency target's variants: (label, PruneConfig fields); channel choice does not change latency
 LATENCY_VARIANTS = (("l1", {}), ("l1 --round 8", {"round_to": 8}), ("l1 --latency", {"latency": True}),
-                    ("l1+refit+bn --latency", {"calib": True, "latency": True}))
+                    ("l1+refit+bn --latency", {"calib": True, "latency": True}),
+                    ("l1 --allocate latency", {"allocate": "latency"}),
+                    ("l1+refit+bn --allocate latency", {"calib": True, "allocate": "latency"}))
 
 
 def session(model: bytes | str) -> ort.InferenceSession:

@@ -25,6 +25,7 @@ from graphopt.ir import Model
 from graphopt.pipeline import PassContext, get_pass
 from graphopt.verify.runtime import LoadedModel, open_session, run_session
 
+from .allocate import allocate_latency, onnxruntime_measure
 from .apply import apply_removal, kept_indices
 from .calib import CalibSource, activation_stats, batches, load_calibration, run_exposed
 from .cost import group_cost, model_cost
@@ -38,6 +39,7 @@ from .report import GroupReport, PruneReport
 from .rules import X_IN, Y_OUT
 
 log = logging.getLogger(__name__)
+ALLOCATIONS = ("uniform", "latency")
 
 
 @dataclass
@@ -50,6 +52,7 @@ class PruneConfig:
     criterion: str = "l1"  # l1 | l2 | bn | activation | recon
     round_to: int = 1  # kept channel counts rounded down to a multiple of this (never below one multiple)
     latency: bool = False  # counts for onnxruntime's CPU conv kernels: NCHWc blocks, whole filter sets (plan.py)
+    allocate: str = "uniform"  # uniform ratio | latency: per-group counts by measured onnxruntime time (allocate.py)
     protect: Sequence[str] = ()  # node names whose output channels stay, besides the defaults
     default_protect: bool = True  # the first conv and the layers producing model outputs
     calib: CalibSource | None = None  # .npz, folder of .npz, or iterable of feed dicts
@@ -76,6 +79,10 @@ class PruneConfig:
             raise GraphoptError(f"unknown criterion {self.criterion!r}", hint=f"use one of {', '.join(CRITERIA)}")
         if self.round_to < 1:
             raise GraphoptError(f"round must be at least 1, got {self.round_to}")
+        if self.allocate not in ALLOCATIONS:
+            raise GraphoptError(f"unknown allocation {self.allocate!r}", hint=f"use one of {', '.join(ALLOCATIONS)}")
+        if self.allocate == "latency" and self.flops is None:
+            raise GraphoptError("latency allocation needs a FLOPs target", hint="give flops (--flops F), not ratio")
         if self.bn_stats not in BN_STATS:
             raise GraphoptError(f"unknown bn_stats {self.bn_stats!r}", hint=f"use one of {', '.join(BN_STATS)}")
         if self.reconstruct and self.calib is None:
@@ -94,9 +101,14 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
     analysis = analyze(model, shapes, protect)
     prunable = [g for g in analysis.groups if g.prunable]
     round_to, set_size = config.round_to, 1
-    if config.latency:
+    latency = config.latency or config.allocate == "latency"
+    if latency:
         round_to, set_size = round_to if round_to > 1 else cpu_block(), FILTER_SET
-    if config.ratio is not None:
+    if config.allocate == "latency":
+        measure = onnxruntime_measure(original, shapes, protect, probe_inputs(original, config.dims)[0])
+        plan = allocate_latency(analysis, prunable, config.flops, round_to, set_size, measure)
+        target = f"keep {100 * config.flops:g}% of MACs, counts by measured onnxruntime time"
+    elif config.ratio is not None:
         plan = plan_ratio(analysis, prunable, config.ratio, round_to, set_size)
         target = f"ratio {config.ratio:g} per group"
     else:
@@ -104,7 +116,7 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
         if config.latency:
             plan = fill_budget(analysis, prunable, plan, config.flops, round_to, set_size)
         target = f"keep {100 * config.flops:g}% of MACs"
-    if config.latency:
+    if latency:
         target += f", counts in blocks of {round_to} (sets of {set_size} above {set_size})"
     stats = None
     if config.criterion in ("activation", "recon"):

@@ -114,7 +114,7 @@ def fill_budget(analysis: Analysis, groups: list[ChannelGroup], plan: Plan, targ
     the uniform plan kept 37 % of the MACs for a 50 % target)."""
     budget = target * model_cost(analysis, {})[0]
     keep = dict(plan.keep)
-    steps = {g.id: _allowed_counts(g.n, round_to, g.width(g.primary_dim(analysis)), set_size) for g in groups}
+    steps = {g.id: allowed_counts(g.n, round_to, g.width(g.primary_dim(analysis)), set_size) for g in groups}
     while True:
         for group in sorted(groups, key=lambda g: (keep[g.id] / g.n, g.id)):
             up = next((c for c in steps[group.id] if c > keep[group.id]), None)
@@ -129,7 +129,7 @@ def fill_budget(analysis: Analysis, groups: list[ChannelGroup], plan: Plan, targ
             return plan
 
 
-def _allowed_counts(n: int, round_to: int, width: float, set_size: int) -> list[int]:
+def allowed_counts(n: int, round_to: int, width: float, set_size: int) -> list[int]:
     """The atom counts ``keep_count`` can give for a group of ``n``, ascending."""
     return sorted({keep_count(n, 1.0 - c / n, round_to, width, set_size) for c in range(1, n + 1)})
 

@@ -157,3 +157,5 @@ def test_cli_user_errors_exit_2(zoo, tmp_path, capsys, cli):
     assert cli(["prune", src, "-o", str(out), "--ratio", "0.5", "--protect", "nope"]) == 2
     assert "no node named 'nope'" in capsys.readouterr().err
     assert cli(["prune", src, "-o", src, "--ratio", "0.5"]) == 2
+    assert cli(["prune", src, "-o", str(out), "--ratio", "0.5", "--allocate", "latency"]) == 2
+    assert "needs a FLOPs target" in capsys.readouterr().err and not out.exists()
