@@ -176,6 +176,8 @@ def test_cli_errors_exit_2_without_output(tmp_path, capsys, compiled):
     art = tmp_path / "net.tvm"
     assert main(["compile", str(tmp_path / "net.onnx"), "-o", str(art), "--trials", "8"]) == 2
     assert "only apply with --tune" in capsys.readouterr().err and not art.exists()
+    assert main(["compile", str(tmp_path / "net.onnx"), "-o", str(art), "--tune-minutes", "5"]) == 2
+    assert "only apply with --tune" in capsys.readouterr().err and not art.exists()
     assert main(["compile", str(tmp_path / "net.onnx"), "-o", str(art), "--tune"]) == 2  # symbolic batch
     assert "tuning needs static shapes" in capsys.readouterr().err and not art.exists()
     assert main(["run", str(tmp_path), "--json"]) == 2
