@@ -2,6 +2,7 @@
 
     python -m tools.bench_tvm                                    # CPU, default models, budgets 64,256
     python -m tools.bench_tvm --models resnet_dynamo --trials 64,256,1000 --json out.json --markdown out.md
+    python -m tools.bench_tvm --models mobilenet_dynamo --trials 600 --tune-minutes 20   # wall-time capped
     python -m tools.bench_tvm --device cuda --bundle .cache/tvm-cuda-bundle   # here: build the GPU bundle
     TVM_USE_RUNTIME_LIB=1 PYTHONPATH=.cache/tvm-cuda-bundle/site \\
         python tools/bench_tvm.py --device cuda --run-bundle .cache/tvm-cuda-bundle  # on the GPU machine
@@ -9,8 +10,10 @@
 CPU, per model: compile wall time untuned and tuned (MetaSchedule, one fresh database per budget, so
 every budget is tuned from scratch), every artifact checked against onnxruntime on the original model
 (graphopt's fp32 rule: rtol 1e-4, atol 1e-5, float-noise bound), then latency of onnxruntime
-(ORT_ENABLE_ALL, 2 intra-op threads, no spinning) and each artifact interleaved (A B C A B C ...,
-``--rounds`` rounds of ``--repeat`` runs, median of the round medians). GFLOP/s = 2 x MACs (graphopt's
+(ORT_ENABLE_ALL, 2 intra-op threads, no spinning) and each artifact interleaved (A B C, B C A, ...:
+``--rounds`` rounds of ``--repeat`` runs; ms = median of the round medians, x ORT = median of the
+per-round ratios, so a load change between rounds affects both sides of a ratio; load averages are
+recorded). GFLOP/s = 2 x MACs (graphopt's
 summary) / latency, as a fraction of this machine's peak measured in the same run (numpy float32
 2048^3 matmul, best of the interleaved rounds). For the best tuned artifact the table of per-kernel
 time (Relax VM call instrument) says where the time goes.
