@@ -3,7 +3,8 @@ without least-squares reconstruction, plus torch-pruning side by side on the dig
 
     python -m tools.bench_prune                 # everything (~20 min on 2 loaded cores)
     python -m tools.bench_prune --json out.json # also write the numbers
-    python -m tools.bench_prune --only latency  # the ResNet latency target alone (~3 min)
+    python -m tools.bench_prune --only latency  # the ResNet latency target alone (~4 min)
+    python -m tools.bench_prune --only plans    # every count plan --allocate latency could pick, timed (~1.5 min)
 
 What is measured, per model:
 
@@ -41,6 +42,7 @@ over the same calibration images; graphopt: ``l1+bn``). Params exclude BN runnin
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -227,13 +229,61 @@ def latency_rows(rows: list[dict], names=("resnet_torchscript", "resnet_dynamo")
             got = run_all(models[label], [{"images": held}])
             scores[label] = {"macs": report.macs_kept, "params": report.params_after,
                              "agree": float((ref.argmax(1) == got.argmax(1)).mean()), "sqnr_db": sqnr(ref, got),
-                             "channels": "/".join(str(g.channels_after) for g in report.groups if g.status == "pruned")}
+                             "channels": "/".join(str(g.channels_after) for g in report.groups
+                                                 if g.status != "blocked")}
         for batch in batches:
             lat = timed(models, {"images": held[:batch]}, rounds=50, min_seconds=seconds)
             for label, score in scores.items():
                 rows.append({"model": f"{name} b{batch}", "target": target if score else 1.0, "variant": label,
                              **score, **lat[label]})
             log.info("%s batch %d: %s", name, batch, {k: round(v["latency_x"], 3) for k, v in lat.items()})
+
+
+def plan_rows(rows: list[dict], name: str = "resnet_torchscript", batch: int = 1, target: float = 0.5,
+              seconds: float = 40.0) -> None:
+    """Every count plan ``--allocate latency`` chooses from that keeps at most ``target`` of the MACs and cannot
+    raise any group one allowed step without exceeding it, all timed interleaved with the unpruned model: how
+    much a per-group choice of the allowed counts could gain at all."""
+    from graphopt.passes.prune import analyze
+    from graphopt.passes.prune.allocate import pruned_copy
+    from graphopt.passes.prune.cost import model_cost
+    from graphopt.passes.prune.groups import default_protected
+    from graphopt.passes.prune.plan import FILTER_SET, allowed_counts, cpu_block, removed_counts
+    from graphopt.passes.prune.probe import probe_shapes
+    from graphopt.pipeline import PassContext, get_pass
+
+    original = open(build(name), "rb").read()
+    model = graphopt.load(original)
+    get_pass("lift-constants").run(model, PassContext())
+    proto = graphopt.to_proto(model)
+    shapes = probe_shapes(model, proto)
+    protect = default_protected(model)
+    analysis = analyze(model, shapes, protect)
+    groups = [g for g in analysis.groups if g.prunable]
+    steps = [allowed_counts(g.n, cpu_block(), g.width(g.primary_dim(analysis)), FILTER_SET) for g in groups]
+    total = model_cost(analysis, {})[0]
+
+    def share(counts) -> float:
+        keep = {g.id: c for g, c in zip(groups, counts, strict=True)}
+        return model_cost(analysis, removed_counts(analysis, keep))[0] / total
+
+    def maximal(counts) -> bool:
+        ups = [counts[:i] + (next(c for c in steps[i] if c > counts[i]),) + counts[i + 1:]
+               for i in range(len(counts)) if counts[i] < steps[i][-1]]
+        return all(share(up) > target for up in ups)
+
+    plans = [c for c in itertools.product(*steps) if share(c) <= target and maximal(c)]
+    models = {"unpruned": original}
+    for counts in plans:
+        keep = {g.id: c for g, c in zip(groups, counts, strict=True)}
+        models["/".join(map(str, counts))] = pruned_copy(proto, shapes, protect, keep)
+    held = crops(1, batch, MODELS[name].inputs["images"].shape[-1], 2)
+    lat = timed(models, {"images": held}, rounds=50, min_seconds=seconds)
+    rows.append({"model": f"{name} b{batch}", "target": 1.0, "variant": "unpruned", **lat["unpruned"]})
+    for counts in sorted(plans, key=lambda c: lat["/".join(map(str, c))]["latency_x"]):
+        key = "/".join(map(str, counts))
+        rows.append({"model": f"{name} b{batch}", "target": target, "variant": "counts", "channels": key,
+                     "macs": share(counts), **lat[key]})
 
 
 def torch_macs(model, example) -> float:
@@ -391,7 +441,8 @@ def render(rows: list[dict]) -> Table:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--only", help="comma-separated sections: digits,resnet,mobilenet,bert,resnet50,latency,tp")
+    parser.add_argument("--only",
+                        help="comma-separated sections: digits,resnet,mobilenet,bert,resnet50,latency,plans,tp")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("graphopt").setLevel(logging.WARNING)
@@ -402,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "bert": bert_rows,
         "resnet50": resnet50_rows,
         "latency": latency_rows,
+        "plans": plan_rows,
         "tp": torch_pruning_rows,
     }
     chosen = args.only.split(",") if args.only else list(sections)

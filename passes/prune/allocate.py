@@ -90,11 +90,22 @@ def _best(keep: Keep, candidates: list[dict[int, int]], measure: Measure, macs: 
     return candidates[best]
 
 
+def pruned_copy(proto: onnx.ModelProto, shapes: ShapeTable, protect: Sequence[str], keep: Keep) -> bytes:
+    """``proto`` with each group cut to ``keep[id]`` atoms (the first ones: for timing, only the counts matter)."""
+    model = graphopt.load(proto)
+    analysis = analyze(model, shapes, protect)
+    removal = {g.id: np.arange(g.n - keep[g.id]) for g in analysis.groups if keep.get(g.id, g.n) < g.n}
+    apply_removal(analysis, kept_indices(analysis, removal))
+    for name in ("eliminate-dead-nodes", "remove-unused-initializers"):
+        get_pass(name).run(model, PassContext())
+    return graphopt.to_bytes(model)
+
+
 def onnxruntime_measure(proto: onnx.ModelProto, shapes: ShapeTable, protect: Sequence[str],
                         feed: Mapping[str, np.ndarray], seconds: float = 1.0, min_rounds: int = 10) -> Measure:
-    """A ``Measure`` timing pruned copies of ``proto`` (channels cut at random positions: only the counts
-    matter for time) in onnxruntime CPU, all plans of one call interleaved in rotated order for about
-    ``seconds``; each plan's time is the median over rounds of its ratio to the first plan's in that round."""
+    """A ``Measure`` timing pruned copies of ``proto`` in onnxruntime CPU, all plans of one call interleaved in
+    rotated order for about ``seconds``; each plan's time is the median over rounds of its ratio to the first
+    plan's in that round."""
     from graphopt.passes.quant.evaluate import session
 
     sessions: dict[tuple, object] = {}
@@ -102,13 +113,7 @@ def onnxruntime_measure(proto: onnx.ModelProto, shapes: ShapeTable, protect: Seq
     def compiled(keep: Keep):
         key = tuple(sorted(keep.items()))
         if key not in sessions:
-            model = graphopt.load(proto)
-            analysis = analyze(model, shapes, protect)
-            removal = {g.id: np.arange(g.n - keep[g.id]) for g in analysis.groups if keep.get(g.id, g.n) < g.n}
-            apply_removal(analysis, kept_indices(analysis, removal))
-            for name in ("eliminate-dead-nodes", "remove-unused-initializers"):
-                get_pass(name).run(model, PassContext())
-            sessions[key] = session(graphopt.to_bytes(model))
+            sessions[key] = session(pruned_copy(proto, shapes, protect, keep))
         return sessions[key]
 
     def measure(plans: Sequence[Keep]) -> list[float]:
