@@ -60,32 +60,27 @@ def allocate_latency(analysis: Analysis, groups: list[ChannelGroup], target: flo
                  for g in groups if steps[g.id][0] < keep[g.id]]
         if not downs:
             break
-        keep = _best(keep, downs, measure, macs, saved=True)
+        keep = _best(keep, downs, measure, macs)
     while True:
         ups = [up for g in groups if (c := next((c for c in steps[g.id] if c > keep[g.id]), None)) is not None
                and macs(up := {**keep, g.id: c}) <= budget]
         if not ups:
             break
-        keep = _best(keep, ups, measure, macs, saved=False)
+        keep = _best(keep, ups, measure, macs)
     kept_atoms = sum(keep.values()) / max(sum(g.n for g in groups), 1)
     macs1, params1 = model_cost(analysis, removed_counts(analysis, keep))
     log.info("latency allocation: %s, %.1f%% of the MACs", keep, 100 * macs1 / max(total, 1))
     return Plan(1.0 - kept_atoms, keep, macs1, params1)
 
 
-def _best(keep: Keep, candidates: list[dict[int, int]], measure: Measure, macs: Callable[[Keep], float],
-          saved: bool) -> dict[int, int]:
-    """The candidate with the most time saved per MAC removed (``saved``) or the least time added per MAC
-    given back; ties go to the first candidate (groups in id order), so a fake timing gives a fixed answer."""
+def _best(keep: Keep, candidates: list[dict[int, int]], measure: Measure, macs: Callable[[Keep], float]) -> dict:
+    """The candidate with the lowest time change per MAC changed: going down, the most time saved per MAC
+    removed; going up, the least time added per MAC given back. Ties go to the first candidate (groups in id
+    order), so a fake timing gives a fixed answer."""
     times = list(measure([keep, *candidates]))
     base = macs(keep)
-
-    def rate(i: int) -> float:
-        dt, dm = times[i + 1] - times[0], abs(macs(candidates[i]) - base)
-        return (-dt if saved else dt) / max(dm, 1.0)
-
-    best = max(range(len(candidates)), key=lambda i: (rate(i), -i)) if saved else \
-        min(range(len(candidates)), key=lambda i: (rate(i), i))
+    best = min(range(len(candidates)),
+               key=lambda i: ((times[i + 1] - times[0]) / max(abs(macs(candidates[i]) - base), 1.0), i))
     log.debug("latency allocation step %s: times %s", candidates[best], [round(t, 3) for t in times])
     return candidates[best]
 
