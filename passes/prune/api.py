@@ -139,7 +139,8 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
     for name in ("eliminate-dead-nodes", "remove-unused-initializers"):
         get_pass(name).run(model, PassContext())
     report = PruneReport(macs0, macs1, params0, params1, plan.ratio, target, config.criterion, rows, refits,
-                         bool(refits), len(samples), renorms=renorms)
+                         bool(refits), len(samples), renorms=renorms,
+                         uniform=config.allocate == "uniform")
     if config.flops is not None and macs1 > config.flops * macs0 * 1.001:
         report.notes.append(f"FLOPs target not reached: blocked groups keep {100 * macs1 / macs0:.1f}% of the MACs")
     if config.verify:

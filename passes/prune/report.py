@@ -43,7 +43,7 @@ class PruneReport:
     macs_after: float
     params_before: float
     params_after: float
-    ratio: float
+    ratio: float  # the uniform per-group ratio, or (``uniform`` False) the fraction of prunable atoms removed
     target: str
     criterion: str
     groups: list[GroupReport] = field(default_factory=list)
@@ -53,6 +53,7 @@ class PruneReport:
     output_sqnr_db: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     renorms: list[RenormResult] = field(default_factory=list)  # BN statistics re-estimated, per layer
+    uniform: bool = True  # one ratio for every group (False: per-group counts, --allocate latency)
 
     @property
     def macs_kept(self) -> float:
@@ -93,7 +94,8 @@ def render(report: PruneReport) -> Group:
                            f"({100 * report.macs_kept:.1f}% kept)")
     totals.add_row("params", f"{_num(report.params_before)} -> {_num(report.params_after)} "
                              f"({100 * report.params_after / max(report.params_before, 1):.1f}% kept)")
-    totals.add_row("target", f"{report.target} (uniform ratio {report.ratio:.3f}, criterion {report.criterion})")
+    kind = "uniform ratio" if report.uniform else "atoms removed"
+    totals.add_row("target", f"{report.target} ({kind} {report.ratio:.3f}, criterion {report.criterion})")
     if report.reconstructed:
         improved = sum(r.error_after < r.error_before for r in report.refits)
         totals.add_row("reconstruction", f"{improved}/{len(report.refits)} layers refit on "
