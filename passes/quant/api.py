@@ -253,9 +253,10 @@ def _pay_or_fall_back(job: _Job, plan: Plan, selected: set[str], report: QuantRe
     """The quantized model must not be slower than fp32: drop the op kinds that pay least until it is not."""
     feed = job.eval_feeds[0]
     kinds = sorted({plan.candidates[n].kind for n in selected}, key=lambda k: speedup(k) or 0.0)
+    fp32 = session(job.fp32)
     while True:
         model, _ = job.build(selected)
-        ratio, times = paired_latency(model, job.fp32, feed)
+        ratio, times = paired_latency(model, fp32, feed)
         report.latency_ms, report.latency_ratio = times, ratio
         if ratio <= PAYS_BELOW or not selected:
             return selected

@@ -69,14 +69,16 @@ def metric_value(errors: Mapping[str, float], metric: str) -> float:
     return 1.0 - errors["cosine"] if metric == "cosine" else errors["rel_l2"]
 
 
-def paired_latency(candidate: bytes, baseline: bytes, feed: Mapping[str, np.ndarray], seconds: float = 2.0,
-                   min_runs: int = 5) -> tuple[float, dict[str, float]]:
+def paired_latency(candidate: bytes, baseline: bytes | ort.InferenceSession, feed: Mapping[str, np.ndarray],
+                   seconds: float = 2.0, min_runs: int = 5) -> tuple[float, dict[str, float]]:
     """(median of per-round candidate/baseline time ratios, median ms of each), the two run alternately.
 
     A ratio per round, not a ratio of medians: on a shared machine the load drifts within a second,
-    and each round sees the same load for both models.
+    and each round sees the same load for both models. ``baseline`` may be a session made once by a
+    caller that times several candidates against it (a GPT-2-base session takes seconds to create).
     """
-    sessions = {"quantized": session(candidate), "fp32": session(baseline)}
+    fp32 = baseline if isinstance(baseline, ort.InferenceSession) else session(baseline)
+    sessions = {"quantized": session(candidate), "fp32": fp32}
     for sess in sessions.values():
         for _ in range(2):
             sess.run(None, dict(feed))
