@@ -1,7 +1,7 @@
 """Structured pruning benchmark: accuracy, size, MACs and onnxruntime latency at FLOPs targets, with and
 without least-squares reconstruction, plus torch-pruning side by side on the digits CNN.
 
-    python -m tools.bench_prune                 # everything (~20 min on 2 loaded cores)
+    python -m tools.bench_prune                 # everything (~25 min on 2 loaded cores)
     python -m tools.bench_prune --json out.json # also write the numbers
     python -m tools.bench_prune --only latency  # the ResNet latency target alone (~4 min)
     python -m tools.bench_prune --only plans    # every count plan --allocate latency could pick, timed (~1.5 min)
