@@ -30,7 +30,8 @@ class QuantConfig:
     per_channel: one weight scale per output channel (else per tensor).
     reduce_range: 7-bit weights (+-63). None: on for x86 CPUs without VNNI, whose U8S8 kernels add pairs of
         u8 x s8 products in saturating int16 (on ResNet here: output cosine 0.995 with 8-bit weights, 0.9999
-        with 7-bit ones).
+        with 7-bit ones); in dynamic mode on such CPUs, per-channel 7-bit, per-channel 8-bit and per-tensor
+        8-bit weights are each measured and the most accurate is kept (this overrides ``per_channel``).
     symmetric: symmetric activation ranges (zero point at the middle); weights are always symmetric int8.
     method: how activation ranges are chosen from the calibration data: "minmax", "percentile"
         (``percentile`` of |x|), "entropy" (KL divergence, TensorRT-style) or "mse" (the clipping range that

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -17,6 +18,7 @@ from graphopt.ir import verify
 from graphopt.passes.quant import QuantConfig, quantize
 from graphopt.passes.quant.api import PAYS_BELOW
 from graphopt.passes.quant.evaluate import output_errors, run_outputs
+from graphopt.passes.quant.optable import saturating_u8s8
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +222,19 @@ def test_cli_dynamic_from_a_folder_of_samples_of_different_lengths(zoo, tmp_path
     assert code == 0 and report["samples"] == 6 and report["quantized_nodes"] > 0
     assert report["output_error"]["cosine"] >= 0.99
     assert "DynamicQuantizeMatMul" in {n.op_type for n in onnx.load(out).graph.node}
+
+
+@pytest.mark.skipif(not saturating_u8s8(), reason="the weight scheme is chosen only where U8S8 kernels saturate")
+def test_dynamic_keeps_the_most_accurate_weight_scheme(zoo):
+    name = "gpt2_dynamo"
+    calib = [zoo.make_inputs(zoo.MODELS[name], seed=i) for i in range(8)]
+    model, report = quantize(str(zoo.build(name)), calib, QuantConfig(mode="dynamic", latency_aware=False))
+    (note,) = [n for n in report.notes if n.startswith("weights: ")]
+    errors = {label: float(err) for label, err in re.findall(r"(per-\w+ \d-bit) error (\S+?)[,;]", note)}
+    assert set(errors) == {"per-channel 7-bit", "per-channel 8-bit", "per-tensor 8-bit"}
+    kept = note.rsplit("kept ", 1)[1]
+    assert errors[kept] == min(errors.values()) and report.per_channel == kept.startswith("per-channel")
+    # the model returned is the kept scheme: its error on those samples is the one the note reports
+    got = run_outputs(graphopt.to_bytes(model), calib)
+    assert 1 - output_errors(run_outputs(str(zoo.build(name)), calib), got)["cosine"] == pytest.approx(
+        errors[kept], rel=0.01, abs=1e-7)
