@@ -209,6 +209,9 @@ def tune(
                 builder=builder, runner=_runner(rpc, search), database=db, cost_model="xgb",
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter.callback()],
             )
+        except Exception:  # noqa: BLE001 - _TimeUp comes back through TVM's FFI, possibly re-wrapped
+            if not counter.timed_out:
+                raise
         finally:
             builder.pool.shutdown()
         report.trials, report.failed, report.timed_out = counter.ok, counter.failed, counter.timed_out
@@ -287,6 +290,10 @@ def _runner(rpc: RPCConfig | None, search: SearchConfig):
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=rpc.workers)
 
 
+class _TimeUp(Exception):
+    """Raised from the measure callback to end tuning at the time limit."""
+
+
 class _Counter:
     """Counts measured candidates and forwards progress (a MetaSchedule measure callback)."""
 
@@ -313,10 +320,13 @@ class _Counter:
                         logger.debug("candidate failed: %s", (built.error_msg or ran.error_msg or "")[-500:])
                 if counter.on_progress is not None:
                     counter.on_progress(counter.ok + counter.failed, counter.total, counter.names[task_id])
-                if counter.deadline is not None and time.perf_counter() > counter.deadline:
+                # Stop once no other task has a measured batch waiting to be committed. Terminating
+                # tasks from here trips the scheduler's own checks (it may already have chosen one),
+                # so unwind it; this batch is already in the database (callbacks run in order).
+                pending = any(record.builder_results is not None
+                              for other, record in enumerate(task_scheduler.tasks_) if other != task_id)
+                if counter.deadline is not None and time.perf_counter() > counter.deadline and not pending:
                     counter.timed_out = True
-                    for other, record in enumerate(task_scheduler.tasks_):
-                        if not record.is_terminated:  # a terminated task's pending batch is still committed
-                            task_scheduler.terminate_task(other)
+                    raise _TimeUp()
 
         return Progress()
