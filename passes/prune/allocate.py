@@ -22,8 +22,6 @@ each plan's time relative to the first; tests pass a deterministic function.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -101,7 +99,7 @@ def onnxruntime_measure(proto: onnx.ModelProto, shapes: ShapeTable, protect: Seq
     """A ``Measure`` timing pruned copies of ``proto`` in onnxruntime CPU, all plans of one call interleaved in
     rotated order for about ``seconds``; each plan's time is the median over rounds of its ratio to the first
     plan's in that round."""
-    from graphopt.passes.quant.evaluate import session
+    from graphopt.passes.quant.evaluate import interleaved_ratios, session
 
     sessions: dict[tuple, object] = {}
 
@@ -112,21 +110,6 @@ def onnxruntime_measure(proto: onnx.ModelProto, shapes: ShapeTable, protect: Seq
         return sessions[key]
 
     def measure(plans: Sequence[Keep]) -> list[float]:
-        runs = [compiled(p) for p in plans]
-        for sess in runs:
-            sess.run(None, dict(feed))
-        ratios: list[list[float]] = [[] for _ in runs]
-        start, rounds = time.perf_counter(), 0
-        while rounds < min_rounds or time.perf_counter() - start < seconds:
-            took = [0.0] * len(runs)
-            for k in range(len(runs)):
-                i = (k + rounds) % len(runs)  # rotated: no plan always runs right after the same one
-                t = time.perf_counter()
-                runs[i].run(None, dict(feed))
-                took[i] = time.perf_counter() - t
-            for i, t in enumerate(took):
-                ratios[i].append(t / took[0])
-            rounds += 1
-        return [statistics.median(r) for r in ratios]
+        return interleaved_ratios([compiled(p) for p in plans], feed, seconds, min_rounds, warmup=1)[0]
 
     return measure

@@ -69,27 +69,38 @@ def metric_value(errors: Mapping[str, float], metric: str) -> float:
     return 1.0 - errors["cosine"] if metric == "cosine" else errors["rel_l2"]
 
 
-def paired_latency(candidate: bytes, baseline: bytes | ort.InferenceSession, feed: Mapping[str, np.ndarray],
-                   seconds: float = 2.0, min_runs: int = 5) -> tuple[float, dict[str, float]]:
-    """(median of per-round candidate/baseline time ratios, median ms of each), the two run alternately.
+def interleaved_ratios(sessions: Sequence[ort.InferenceSession], feed: Mapping[str, np.ndarray],
+                       seconds: float = 2.0, min_rounds: int = 5, max_rounds: int = 2000,
+                       warmup: int = 2) -> tuple[list[float], list[float]]:
+    """(each session's median over rounds of its time / the first session's, each one's median ms).
 
     A ratio per round, not a ratio of medians: on a shared machine the load drifts within a second,
-    and each round sees the same load for both models. ``baseline`` may be a session made once by a
-    caller that times several candidates against it (a GPT-2-base session takes seconds to create).
+    and each round sees the same load for every model. The order rotates each round so no model
+    always runs right after the same one.
+    """
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, dict(feed))
+    times: list[list[float]] = [[] for _ in sessions]
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < seconds):
+        for k in range(len(sessions)):
+            i = (k + rounds) % len(sessions)
+            t = time.perf_counter()
+            sessions[i].run(None, dict(feed))
+            times[i].append((time.perf_counter() - t) * 1000)
+        rounds += 1
+    ratios = [statistics.median(a / b for a, b in zip(ts, times[0], strict=True)) for ts in times]
+    return ratios, [statistics.median(ts) for ts in times]
+
+
+def paired_latency(candidate: bytes, baseline: bytes | ort.InferenceSession, feed: Mapping[str, np.ndarray],
+                   seconds: float = 2.0, min_runs: int = 5) -> tuple[float, dict[str, float]]:
+    """(median of per-round candidate/baseline time ratios, median ms of each), see :func:`interleaved_ratios`.
+
+    ``baseline`` may be a session made once by a caller that times several candidates against it (a
+    GPT-2-base session takes seconds to create).
     """
     fp32 = baseline if isinstance(baseline, ort.InferenceSession) else session(baseline)
-    sessions = {"quantized": session(candidate), "fp32": fp32}
-    for sess in sessions.values():
-        for _ in range(2):
-            sess.run(None, dict(feed))
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    start = time.perf_counter()
-    while len(times["fp32"]) < min_runs or time.perf_counter() - start < seconds:
-        for name, sess in sessions.items():
-            t = time.perf_counter()
-            sess.run(None, dict(feed))
-            times[name].append((time.perf_counter() - t) * 1000)
-        if len(times["fp32"]) >= 2000:
-            break
-    ratio = statistics.median(q / f for q, f in zip(times["quantized"], times["fp32"], strict=True))
-    return ratio, {k: statistics.median(v) for k, v in times.items()}
+    ratios, ms = interleaved_ratios([fp32, session(candidate)], feed, seconds, min_runs)
+    return ratios[1], {"quantized": ms[1], "fp32": ms[0]}
