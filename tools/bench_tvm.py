@@ -16,7 +16,7 @@ per-round ratios, so a load change between rounds affects both sides of a ratio;
 recorded). GFLOP/s = 2 x MACs (graphopt's
 summary) / latency, as a fraction of this machine's peak measured in the same run (numpy float32
 2048^3 matmul, best of the interleaved rounds). For the best tuned artifact the table of per-kernel
-time (Relax VM call instrument) says where the time goes.
+time (Relax VM call instrument, on a bytecode-mode build of the same schedules) says where the time goes.
 
 CUDA: this machine has no GPU. ``--bundle`` compiles each model here for ``--arch`` (sm_90) into an
 artifact whose CUDA source is JIT-compiled by NVRTC when loaded, with the inputs and onnxruntime's
@@ -140,7 +140,7 @@ def bench_cpu_model(name: str, budgets: list[int], args: argparse.Namespace, wor
         label = "tvm_untuned" if trials == 0 else f"tvm_tuned_{trials}"
         start = time.perf_counter()
         result = compile_model(path, workdir / name / label, shapes=shapes, tune_trials=trials,
-                               db=workdir / name / f"db_{trials}",
+                               db=workdir / name / f"db_{trials}" if trials else None,
                                tune_time_limit_s=60 * args.tune_minutes if args.tune_minutes else None)
         runner = load(result.path)
         ok, err = close(reference, runner.run(feeds))
@@ -168,7 +168,11 @@ def bench_cpu_model(name: str, budgets: list[int], args: argparse.Namespace, wor
     row["ort_peak_fraction"] = 2 * macs / row["ort_ms"] / 1e6 / row["peak_gflops"] if macs else None
     best = min((label for label in timing if label != "tvm_untuned"), key=lambda k: timing[k][0],
                default="tvm_untuned")
-    row["profile"] = {"variant": best, "kernels": runners[best].profile(feeds)[: args.profile_top]}
+    # The timed artifacts run the VM as native code; the same schedules in bytecode mode can be profiled.
+    trials = 0 if best == "tvm_untuned" else int(best.rsplit("_", 1)[1])
+    profiled = compile_model(path, workdir / name / f"{best}_bytecode", shapes=shapes, exec_mode="bytecode",
+                             db=workdir / name / f"db_{trials}" if trials else None)
+    row["profile"] = {"variant": best, "kernels": load(profiled.path).profile(feeds)[: args.profile_top]}
     return row
 
 

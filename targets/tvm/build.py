@@ -27,7 +27,7 @@ from graphopt.onnx_io import ModelLike, to_bytes
 
 from .cuda import FATBIN, precompile
 from .frontend import prepare, relax_output_shapes, signature, to_relax
-from .runtime import FORMAT, MANIFEST, is_artifact
+from .runtime import EXEC_MODES, FORMAT, MANIFEST, is_artifact
 from .target import make_target
 from .tune import RPCConfig, TuningReport, apply_database, tune
 
@@ -58,13 +58,20 @@ def compile_model(
     num_cores: int | None = None,
     on_progress: Callable[[int, int, str], None] | None = None,
     tune_time_limit_s: float | None = None,
+    exec_mode: str = "compiled",
 ) -> CompileResult:
     """Compile ``model`` for ``target`` ("cpu" or "cuda") into artifact directory ``output``.
 
     ``shapes`` binds inputs (``{"images": [1, 3, 64, 64]}``) or symbolic dims (``{"seq": [16]}``);
     other dims stay symbolic. ``tune_trials > 0`` tunes with MetaSchedule first (database ``db``,
     reused across runs; measurement over ``rpc`` when given; at most ``tune_time_limit_s`` of tuning).
+    ``db`` without tuning applies the schedules that database already has and tunes nothing.
+    ``exec_mode`` "compiled" turns the Relax VM's bytecode into native code (the dispatch of its
+    75-435 builtin and kernel calls per inference costs the small zoo models 4-8 %); "bytecode" keeps
+    the VM's call instrument, which :meth:`Runner.profile` times each call with.
     """
+    if exec_mode not in EXEC_MODES:
+        raise GraphoptError(f"unknown exec mode {exec_mode!r}", hint=f"use one of {', '.join(EXEC_MODES)}")
     out = Path(output)
     source, sha = _source(model)
     if source is not None and out.exists() and out.resolve() == Path(source).resolve():
@@ -89,11 +96,11 @@ def compile_model(
     seconds["import"] = time.perf_counter() - clock
     report = None
     db_dir = Path(db) if db is not None else DEFAULT_DB
-    if tune_trials:
+    if tune_trials or db is not None:
         symbolic = sorted({d for s in inputs for d in s.shape if isinstance(d, str)})
         if symbolic:
-            raise GraphoptError(f"tuning needs static shapes; symbolic dims left: {', '.join(symbolic)}",
-                                hint="bind them with --shape NAME=N (compile without --tune keeps them dynamic)")
+            raise GraphoptError(f"tuned schedules need static shapes; symbolic dims left: {', '.join(symbolic)}",
+                                hint="bind them with --shape NAME=N (compile without --tune/--db keeps them dynamic)")
         clock = time.perf_counter()
         mod = lower_to_tasks(mod, tvm_target)
         report = tune(mod, tvm_target, db_dir, tune_trials, rpc=rpc, on_progress=on_progress,
@@ -101,7 +108,7 @@ def compile_model(
         mod = prepack_weights(apply_database(mod, tvm_target, db_dir), tvm_target)
         seconds["tune"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    executable = _compile(mod, tvm_target)
+    executable = _compile(mod, tvm_target, exec_mode)
     kernels = precompile(executable, tvm_target) if target == "cuda" else None
     seconds["build"] = time.perf_counter() - clock
     manifest = {
@@ -109,6 +116,7 @@ def compile_model(
         "version": 1,
         "library": LIBRARY,
         "target": {"kind": target, "tvm": json.loads(str(tvm_target))},
+        "exec_mode": exec_mode,
         "inputs": [s.to_dict() for s in inputs],
         "outputs": [s.to_dict() for s in outputs],
         "source_model": {"path": str(source) if source else None, "sha256": sha},
@@ -153,11 +161,11 @@ def prepack_weights(mod, target):
                                          relax.transform.FoldConstant()])(mod)
 
 
-def _compile(mod, target):
-    import tvm
+def _compile(mod, target, exec_mode: str):
+    from tvm import relax
 
     try:
-        return tvm.compile(mod, target=target)
+        return relax.build(mod, target=target, exec_mode=exec_mode)
     except Exception as exc:  # noqa: BLE001 - TVM's lowering raises TVMError/InternalError subclasses
         detail = (str(exc).strip().splitlines() or [f"{type(exc).__name__} with no message"])[-1]
         raise GraphoptError(f"TVM failed to compile the model for {target.kind.name}: {detail}") from None

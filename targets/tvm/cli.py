@@ -28,15 +28,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise GraphoptError("--rpc-tracker and --rpc-key go together")
-    if (args.rpc_tracker or args.db or args.trials is not None or args.tune_minutes is not None) and not args.tune:
-        raise GraphoptError("--trials, --tune-minutes, --db and --rpc-* only apply with --tune")
+    if (args.rpc_tracker or args.trials is not None or args.tune_minutes is not None) and not args.tune:
+        raise GraphoptError("--trials, --tune-minutes and --rpc-* only apply with --tune")
     if args.tune_minutes is not None and args.tune_minutes <= 0:
         raise GraphoptError(f"--tune-minutes must be positive, got {args.tune_minutes}")
     rpc = RPCConfig.parse(args.rpc_tracker, args.rpc_key, args.rpc_workers) if args.rpc_tracker else None
     trials = (args.trials if args.trials is not None else 256) if args.tune else 0
+    if args.tune and trials < 1:
+        raise GraphoptError(f"--trials must be at least 1, got {trials}")
     with _progress(trials) as on_progress:
         result = compile_model(args.model, args.output, target=args.target, arch=args.arch,
-                               shapes=parse_shapes(args.shape), tune_trials=trials, db=args.db or DEFAULT_DB,
+                               shapes=parse_shapes(args.shape), tune_trials=trials,
+                               db=args.db or (DEFAULT_DB if args.tune else None), exec_mode=args.exec_mode,
                                rpc=rpc, num_cores=args.num_cores, on_progress=on_progress,
                                tune_time_limit_s=None if args.tune_minutes is None else 60 * args.tune_minutes)
     report = result.tuning
@@ -45,7 +48,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
                           "tuning": report.to_dict() if report else None}, indent=2))
         return 0
     out = Console(highlight=False)
-    if report is not None and not report.tuned:
+    if report is not None and not args.tune:
+        out.print(f"tuning: {len(report.reused)} of {report.tasks} tasks have schedules in {report.database}; "
+                  "nothing tuned")
+    elif report is not None and not report.tuned:
         out.print(f"tuning: all {report.tasks} tasks already in {report.database}; nothing tuned")
     elif report is not None:
         out.print(f"tuning: {len(report.tuned)} of {report.tasks} tasks tuned, {report.trials} trials measured "
@@ -148,6 +154,7 @@ def describe_target(manifest: dict) -> str:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``compile`` and ``run`` subcommands to graphopt's argparse subparsers."""
+    from .runtime import EXEC_MODES
     from .target import TARGETS
 
     p = subparsers.add_parser("compile", help="compile a model with TVM for cpu or cuda into an artifact directory")
@@ -163,11 +170,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tune-minutes", type=float, metavar="MIN",
                    help="stop tuning after the first batch that ends past this wall time (keeps what was measured)")
     p.add_argument("--db", metavar="DIR", help="tuning database, reused across runs (default ~/.cache/graphopt/"
-                                               "tvm-tuning)")
+                                               "tvm-tuning); without --tune, apply its schedules and tune nothing")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on RPC servers registered with this tracker")
     p.add_argument("--rpc-key", metavar="KEY", help="the servers' key at the tracker")
     p.add_argument("--rpc-workers", type=int, default=1, help="candidates measured in parallel over RPC")
     p.add_argument("--num-cores", type=int, help="CPU threads the compiled code uses (default: all usable)")
+    p.add_argument("--exec-mode", choices=EXEC_MODES, default="compiled",
+                   help="compiled: the Relax VM's bytecode as native code (faster); bytecode: keeps the VM's "
+                        "call instrument, for Runner.profile")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(func=cmd_compile)
 

@@ -26,6 +26,7 @@ except ImportError:  # loaded standalone (a file on a machine without graphopt's
 
 MANIFEST = "manifest.json"
 FORMAT = "graphopt-tvm-artifact"
+EXEC_MODES = ("compiled", "bytecode")  # how the Relax VM runs the model; see build.compile_model
 
 
 class ArtifactError(GraphoptError):
@@ -104,7 +105,11 @@ class Runner:
     def profile(self, feeds: Mapping[str, np.ndarray], runs: int = 5) -> list[dict[str, Any]]:
         """Where the time goes: wall time per called function (fused TIR kernels, library calls) over
         ``runs`` runs, heaviest first, through the Relax VM's call instrument (0.27 has no VM profiler).
-        The instrument is a Python callback per call: small kernels' times include its overhead."""
+        The instrument is a Python callback per call: small kernels' times include its overhead.
+        Only bytecode artifacts have it (native "compiled" VM code calls the kernels directly)."""
+        if self.manifest.get("exec_mode", "bytecode") != "bytecode":
+            raise ArtifactError(f"{self.path} runs the VM as native code, which has no per-call instrument",
+                                hint="compile it again with --exec-mode bytecode (and --db to reuse its schedules)")
         args = self._device_args(feeds)
         self._main(*args)  # warm up before timing
         totals: dict[str, list[float]] = {}

@@ -154,9 +154,20 @@ def import_intrinsics_for(target) -> None:
         raise
 
 
-def tuned_already(db, task, target) -> bool:
-    mod = task.dispatched[0]
-    return bool(db.has_workload(mod)) and db.query_tuning_record(mod, target, task.task_name) is not None
+def tuned_already(db, tasks, target) -> set[str]:
+    """Names of the ``tasks`` that ``db`` already serves for ``target``: those with a measured record,
+    and those whose every candidate was tried and failed to run (gathers whose random test indices
+    fall out of bounds): tuning them again would fail again, so they compile with default schedules."""
+    tried = {str(r.workload.as_json()[0]) for r in db.get_all_tuning_records() if str(r.target) == str(target)}
+    done = set()
+    for task in tasks:
+        mod = task.dispatched[0]
+        if not db.has_workload(mod):
+            continue
+        if (db.query_tuning_record(mod, target, task.task_name) is not None
+                or str(db.commit_workload(mod).as_json()[0]) in tried):
+            done.add(task.task_name)
+    return done
 
 
 def tune(
@@ -173,21 +184,29 @@ def tune(
 ) -> TuningReport:
     """Tune the TIR tasks of ``mod`` (a legalized, fused Relax module) that ``db_dir`` lacks, ``trials`` in all.
 
+    ``trials`` 0 tunes nothing and reports what the database (which must exist) already serves.
+
     ``on_progress(done, total, task_name)`` is called after every measured batch. With
     ``time_limit_s`` the tuner stops after the first batch that ends past it (what was measured is kept).
     """
     from tvm.s_tir import meta_schedule as ms
 
-    if trials < 1:
+    if trials < 0:
         raise GraphoptError(f"--trials must be at least 1, got {trials}")
+    if trials == 0 and not all((Path(db_dir) / name).is_file() for name in DB_FILES):
+        raise GraphoptError(f"no tuning database in {db_dir}", hint="tune first (--tune), or point --db at one")
     start = time.perf_counter()
     import_intrinsics_for(target)
     db = open_database(db_dir)
     tasks = ms.relax_integration.extract_tasks(mod, target)
-    missing = [t for t in tasks if not tuned_already(db, t, target)]
-    report = TuningReport(str(db_dir), len(tasks), [t.task_name for t in missing],
+    done = tuned_already(db, tasks, target)
+    missing = [t for t in tasks if t.task_name not in done]
+    report = TuningReport(str(db_dir), len(tasks), [t.task_name for t in missing] if trials else [],
                           [t.task_name for t in tasks if t not in missing])
-    if not missing:
+    if trials == 0:
+        logger.info("%d of %d tasks have schedules in %s; the rest keep default ones",
+                    len(report.reused), len(tasks), db_dir)
+    elif not missing:
         logger.info("all %d tasks are in the tuning database %s: nothing to tune", len(tasks), db_dir)
     else:
         batch = search.batch(trials, len(missing))

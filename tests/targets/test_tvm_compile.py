@@ -179,7 +179,11 @@ def test_cli_errors_exit_2_without_output(tmp_path, capsys, compiled):
     assert main(["compile", str(tmp_path / "net.onnx"), "-o", str(art), "--tune-minutes", "5"]) == 2
     assert "only apply with --tune" in capsys.readouterr().err and not art.exists()
     assert main(["compile", str(tmp_path / "net.onnx"), "-o", str(art), "--tune"]) == 2  # symbolic batch
-    assert "tuning needs static shapes" in capsys.readouterr().err and not art.exists()
+    assert "tuned schedules need static shapes" in capsys.readouterr().err and not art.exists()
+    assert main(["compile", str(tmp_path / "net.onnx"), "-o", str(art), "--shape", "N=1", "--db",
+                 str(tmp_path / "nodb")]) == 2
+    assert "no tuning database" in capsys.readouterr().err and not art.exists()
+    assert not (tmp_path / "nodb").exists()
     assert main(["run", str(tmp_path), "--json"]) == 2
     assert "not a compiled artifact" in capsys.readouterr().err
     np.savez(tmp_path / "bad.npz", x=np.zeros((1, 3, 16, 16), np.int64))

@@ -20,7 +20,9 @@ import pytest
 
 pytest.importorskip("tvm")
 
+from graphopt.errors import GraphoptError  # noqa: E402
 from graphopt.targets.tvm import RPCConfig, compile_model, load  # noqa: E402
+from graphopt.targets.tvm.runtime import ArtifactError  # noqa: E402
 from graphopt.targets.tvm.tune import database_digest  # noqa: E402
 from tests.targets.tvm_models import assert_matches, conv_layer, ort_outputs  # noqa: E402
 
@@ -45,13 +47,17 @@ def test_tuned_artifact_is_faster_and_matches_onnxruntime(tuned):
     assert report.tasks >= 1 and len(report.tuned) == report.tasks and not report.reused
     assert 0 < report.trials <= TRIALS and report.failed < report.trials and report.timed_out
     assert first.manifest["tuning"]["digest"] == database_digest(folder / "db")
-    x = np.random.default_rng(0).standard_normal((1, 32, 32, 32)).astype(np.float32)
-    slow, fast = load(untuned.path), load(first.path)
-    assert_matches(ort_outputs(conv_layer(), {"x": x}), fast(x))
-    ratios = []
-    for _ in range(5):  # interleaved: the machine's speed drifts
-        ratios.append(fast.median_ms({"x": x}, 5) / slow.median_ms({"x": x}, 5))
-    assert statistics.median(ratios) < 0.9, ratios  # ~0.3-0.7 measured; margin for a busy machine
+    fast = load(first.path)
+    assert_matches(ort_outputs(conv_layer(), {"x": X}), fast(X))
+    assert _speed_ratio(fast, load(untuned.path)) < 0.9  # ~0.3-0.7 measured; margin for a busy machine
+
+
+X = np.random.default_rng(0).standard_normal((1, 32, 32, 32)).astype(np.float32)
+
+
+def _speed_ratio(a, b) -> float:
+    """Median over interleaved rounds of a's latency / b's (the machine's speed drifts)."""
+    return statistics.median(a.median_ms({"x": X}, 5) / b.median_ms({"x": X}, 5) for _ in range(5))
 
 
 def test_second_run_with_the_same_database_tunes_nothing(tuned):
@@ -61,6 +67,57 @@ def test_second_run_with_the_same_database_tunes_nothing(tuned):
     assert sorted(again.tuning.reused) == sorted(first.tuning.tuned)
     assert again.manifest["tuning"]["digest"] == first.manifest["tuning"]["digest"]
     assert again.tuning.seconds < 60
+
+
+def test_database_without_tuning_applies_its_schedules_and_profiles_in_bytecode_mode(tuned):
+    folder, untuned, first = tuned
+    applied = compile_model(folder / "layer.onnx", folder / "applied", db=folder / "db", exec_mode="bytecode")
+    assert applied.tuning.tuned == [] and applied.tuning.trials == 0
+    assert sorted(applied.tuning.reused) == sorted(first.tuning.tuned)
+    assert applied.manifest["exec_mode"] == "bytecode" and first.manifest["exec_mode"] == "compiled"
+    runner = load(applied.path)
+    assert_matches(ort_outputs(conv_layer(), {"x": X}), runner(X))
+    assert _speed_ratio(runner, load(untuned.path)) < 0.9
+    kernels = {k["function"] for k in runner.profile({"x": X}, runs=2)}
+    assert any("conv2d" in name for name in kernels), kernels
+    with pytest.raises(ArtifactError, match="exec-mode bytecode"):
+        load(first.path).profile({"x": X})
+
+
+def test_applying_a_missing_database_is_an_error(tmp_path):
+    onnx.save(conv_layer(), tmp_path / "layer.onnx")
+    with pytest.raises(GraphoptError, match="no tuning database"):
+        compile_model(tmp_path / "layer.onnx", tmp_path / "out", db=tmp_path / "nowhere")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_task_whose_candidates_all_failed_counts_as_tuned(tmp_path):
+    """A gather's random test indices fall out of bounds, so every candidate fails to run; a second
+    compile must not try (and fail) again."""
+    from tvm import relax
+    from tvm.s_tir import Schedule
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.targets.tvm.build import lower_to_tasks
+    from graphopt.targets.tvm.target import make_target
+    from graphopt.targets.tvm.tune import open_database, tuned_already
+
+    bb = relax.BlockBuilder()
+    table, ids = relax.Var("table", relax.TensorType((100, 8), "float32")), relax.Var(
+        "ids", relax.TensorType((1, 16), "int64"))
+    with bb.function("main", [table, ids]):
+        bb.emit_func_output(bb.emit(relax.op.take(table, ids, axis=0)))
+    target = make_target("cpu", None, None)
+    [task] = ms.relax_integration.extract_tasks(lower_to_tasks(bb.get(), target), target)
+    db = open_database(tmp_path / "db")
+    assert tuned_already(db, [task], target) == set()
+    workload = db.commit_workload(task.dispatched[0])
+    failed = ms.database.TuningRecord(Schedule(task.dispatched[0]).trace, workload, [1e10], target,
+                                      ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"]))
+    db.commit_tuning_record(failed)
+    assert db.query_tuning_record(task.dispatched[0], target, task.task_name) is None  # the case handled
+    assert tuned_already(db, [task], target) == {task.task_name}
+    assert tuned_already(db, [task], make_target("cuda", "sm_80", None)) == set()  # records are per target
 
 
 def _free_port() -> int:
