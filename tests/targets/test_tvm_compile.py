@@ -111,6 +111,24 @@ def test_shapes_bind_inputs_or_symbols_and_an_artifact_is_replaced_whole(tmp_pat
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_tuning_lowers_dense_convolutions_to_nhwc_and_keeps_grouped_ones_nchw():
+    from graphopt.targets.tvm.build import _grouped_convs, lower_to_tasks
+    from graphopt.targets.tvm.frontend import prepare, to_relax
+    from graphopt.targets.tvm.target import make_target
+
+    dense = prepare(conv_net(batch=1))
+    grouped = conv_net(channels=3, batch=1)
+    for node in grouped.graph.node:
+        if node.op_type == "Conv":
+            node.attribute.append(helper.make_attribute("group", 3))
+    grouped.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(
+        np.ones((3, 1, 3, 3), np.float32), "W"))
+    assert not _grouped_convs(dense) and _grouped_convs(prepare(grouped))
+    target = make_target("cpu", None, None)
+    assert "conv2d_nhwc" in lower_to_tasks(to_relax(dense), target, nhwc=True).script()
+    assert "conv2d_nhwc" not in lower_to_tasks(to_relax(dense), target).script()
+
+
 def test_cuda_build_compiles_without_a_gpu(tmp_path):
     onnx.save(conv_net(), tmp_path / "net.onnx")
     result = compile_model(tmp_path / "net.onnx", tmp_path / "cuda", target="cuda", arch="sm_90")

@@ -1,7 +1,8 @@
 """MetaSchedule tuning: it really speeds the model up, the database is reused, RPC measurement works.
 
 One module so that the tuner's start-up is paid once per process: a module-scoped fixture tunes a
-single-task model (one Conv3x3+Relu, whose untuned loop nest is slow) with a handful of trials.
+one Conv3x3+Relu (whose untuned loop nest is slow; tuned in NHWC, so with two layout transposes
+as tasks beside it) with a handful of trials.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def test_tuned_artifact_is_faster_and_matches_onnxruntime(tuned):
     folder, untuned, first = tuned
     report = first.tuning
     assert report.tasks >= 1 and len(report.tuned) == report.tasks and not report.reused
-    assert 0 < report.trials <= TRIALS and report.failed < report.trials and report.timed_out
+    assert 0 < report.trials < 2 * TRIALS and report.failed < report.trials and report.timed_out
     assert first.manifest["tuning"]["digest"] == database_digest(folder / "db")
     fast = load(first.path)
     assert_matches(ort_outputs(conv_layer(), {"x": X}), fast(X))
