@@ -138,12 +138,12 @@ def bench_cpu_model(name: str, budgets: list[int], args: argparse.Namespace, wor
     macs = summarize(graphopt.load(path), {}).macs if not shapes else _macs(path, shapes)
     reference = run_model(path, feeds)
     row: dict[str, Any] = {"model": name, "shapes": shapes, "macs": macs, "variants": {}}
-    runners = {}
+    runners, dbs = {}, {}
     for trials in [0, *budgets]:
         label = "tvm_untuned" if trials == 0 else f"tvm_tuned_{trials}"
+        dbs[label] = workdir / name / f"db_{trials}" if trials else None
         start = time.perf_counter()
-        result = compile_model(path, workdir / name / label, shapes=shapes, tune_trials=trials,
-                               db=workdir / name / f"db_{trials}" if trials else None,
+        result = compile_model(path, workdir / name / label, shapes=shapes, tune_trials=trials, db=dbs[label],
                                tune_time_limit_s=60 * args.tune_minutes if args.tune_minutes else None)
         runner = load(result.path)
         ok, err = close(reference, runner.run(feeds))
@@ -173,9 +173,8 @@ def bench_cpu_model(name: str, budgets: list[int], args: argparse.Namespace, wor
     best = min((label for label in timing if label != "tvm_untuned"), key=lambda k: timing[k][0],
                default="tvm_untuned")
     # The timed artifacts run the VM as native code; the same schedules in bytecode mode can be profiled.
-    trials = 0 if best == "tvm_untuned" else int(best.rsplit("_", 1)[1])
     profiled = compile_model(path, workdir / name / f"{best}_bytecode", shapes=shapes, exec_mode="bytecode",
-                             db=workdir / name / f"db_{trials}" if trials else None)
+                             db=dbs[best])
     row["profile"] = {"variant": best, "kernels": load(profiled.path).profile(feeds)[: args.profile_top]}
     return row
 

@@ -155,19 +155,12 @@ def import_intrinsics_for(target) -> None:
 
 
 def tuned_already(db, tasks, target) -> set[str]:
-    """Names of the ``tasks`` that ``db`` already serves for ``target``: those with a measured record,
-    and those whose every candidate was tried and failed to run (gathers whose random test indices
-    fall out of bounds): tuning them again would fail again, so they compile with default schedules."""
+    """Names of the ``tasks`` that ``db`` already has records for on ``target``: measured ones, or
+    candidates that all failed to run (gathers whose random test indices fall out of bounds; tuning
+    those again would fail again, so they compile with default schedules)."""
     tried = {str(r.workload.as_json()[0]) for r in db.get_all_tuning_records() if str(r.target) == str(target)}
-    done = set()
-    for task in tasks:
-        mod = task.dispatched[0]
-        if not db.has_workload(mod):
-            continue
-        if (db.query_tuning_record(mod, target, task.task_name) is not None
-                or str(db.commit_workload(mod).as_json()[0]) in tried):
-            done.add(task.task_name)
-    return done
+    return {task.task_name for task in tasks if db.has_workload(task.dispatched[0])
+            and str(db.commit_workload(task.dispatched[0]).as_json()[0]) in tried}
 
 
 def tune(
