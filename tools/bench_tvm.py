@@ -139,7 +139,7 @@ def bench_cpu_model(name: str, budgets: list[int], args: argparse.Namespace, wor
     reference = run_model(path, feeds)
     row: dict[str, Any] = {"model": name, "shapes": shapes, "macs": macs, "variants": {}}
     runners, dbs = {}, {}
-    for trials in [0, *budgets]:
+    for trials in [*([] if args.no_untuned else [0]), *budgets]:
         label = "tvm_untuned" if trials == 0 else f"tvm_tuned_{trials}"
         dbs[label] = workdir / name / f"db_{trials}" if trials else None
         start = time.perf_counter()
@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--models", help="comma-separated zoo names")
     parser.add_argument("--trials", default="64,256", help="tuning budgets (comma-separated), e.g. 64,256,1000")
+    parser.add_argument("--no-untuned", action="store_true",
+                        help="skip the untuned build (naive loops: seconds per run on ResNet-50)")
     parser.add_argument("--tune-minutes", type=float, help="wall-time limit of each tuning run (trials are the cap)")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--repeat", type=int, default=20, help="runs per round, at least (and >= 0.1 s of them)")

@@ -94,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.repeat is not None and args.repeat < 1:
         raise GraphoptError(f"--repeat must be at least 1, got {args.repeat}")
-    runner = load(args.artifact)
+    runner = load(args.artifact, threads=args.threads)
     feeds = _feeds(args.inputs, runner.inputs)
     outputs = runner.run(feeds)
     median = runner.median_ms(feeds, args.repeat) if args.repeat else None
@@ -187,5 +187,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                    "symbolic dims 1)")
     p.add_argument("-o", "--output", metavar="NPZ", help="write the outputs here")
     p.add_argument("--repeat", type=int, metavar="N", help="also time N runs and report the median latency")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: $TVM_NUM_THREADS, else the cores the artifact was compiled for)")
     p.add_argument("--json", action="store_true", help='print {"median_ms": ..., "outputs": [...]}')
     p.set_defaults(func=cmd_run)

@@ -54,7 +54,7 @@ def is_artifact(path: str | os.PathLike) -> bool:
 class Runner:
     """A loaded artifact: ``runner(x)`` / ``runner(input_ids=..., attention_mask=...)`` -> {output name: array}."""
 
-    def __init__(self, path: str | os.PathLike, device_id: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike, device_id: int = 0, threads: int | None = None) -> None:
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -63,6 +63,8 @@ class Runner:
         self.inputs: list[dict] = self.manifest["inputs"]
         self.outputs: list[dict] = self.manifest["outputs"]
         kind = self.manifest["target"]["kind"]
+        if kind == "cpu":
+            self.threads = size_thread_pool(threads, self.manifest["target"]["tvm"].get("num-cores"))
         self.device = tvm.cuda(device_id) if kind == "cuda" else tvm.cpu(device_id)
         if kind == "cuda" and not self.device.exist:
             raise ArtifactError(f"{self.path} was compiled for CUDA and there is no CUDA GPU here")
@@ -144,6 +146,27 @@ class Runner:
         return [tvm.runtime.tensor(value, self.device) for value in check_feeds(self.inputs, feeds)]
 
 
+def size_thread_pool(threads: int | None, default: int | None = None) -> int:
+    """Size TVM's CPU thread pool to ``threads``, else $TVM_NUM_THREADS, else ``default``, else every
+    usable core, and return its size.
+
+    TVM sizes the pool once, when it is first used, from TVM_NUM_THREADS; unset, it takes half the
+    hardware threads on x86 (it assumes hyper-threading), i.e. one of this machine's two cores, while
+    MetaSchedule tuned the kernels on two: MiniLM ran 1.9x slower than with the pool it was tuned for.
+    A pool made earlier in the process can only be narrowed (``runtime.config_threadpool``).
+    """
+    import tvm
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads is not None and threads < 1:
+        raise ArtifactError(f"threads must be at least 1, got {threads}")
+    wanted = int(threads or os.environ.get("TVM_NUM_THREADS") or default or usable)
+    os.environ["TVM_NUM_THREADS"] = str(wanted)  # read when the pool is made (the first call below)
+    if tvm.runtime.num_threads() != wanted:
+        tvm.get_global_func("runtime.config_threadpool")(1, wanted)  # 1: TVM's kBig, i.e. any core
+    return tvm.runtime.num_threads()
+
+
 def check_feeds(specs: Sequence[Mapping[str, Any]], feeds: Mapping[str, Any]) -> list[np.ndarray]:
     """Feeds in input order, each checked for presence, dtype, rank, static dims and consistent symbols."""
     names = [s["name"] for s in specs]
@@ -194,6 +217,10 @@ def _serve_precompiled_kernels(folder: Path, entry: Mapping[str, str]) -> None:
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
 
 
-def load(path: str | os.PathLike, device_id: int = 0) -> Runner:
-    """Load the artifact that ``graphopt compile`` wrote into directory ``path``."""
-    return Runner(path, device_id)
+def load(path: str | os.PathLike, device_id: int = 0, threads: int | None = None) -> Runner:
+    """Load the artifact that ``graphopt compile`` wrote into directory ``path``.
+
+    CPU artifacts run on ``threads`` threads, by default the ``num-cores`` they were compiled (and
+    tuned) for; TVM has one thread pool per process, so the last load sizes it for all.
+    """
+    return Runner(path, device_id, threads)

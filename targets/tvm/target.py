@@ -7,8 +7,10 @@ generic CPU, so the host CPU comes from ``Target.from_device(tvm.cpu(0))``. Meta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from pathlib import Path
 
 from graphopt.errors import GraphoptError
 
@@ -18,6 +20,16 @@ _ARCH = re.compile(r"^sm_\d{2,3}[a-z]?$")
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of this CPU's largest cache, from Linux sysfs; None where that cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        with contextlib.suppress(OSError, ValueError):
+            text = entry.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1))
+    return max(sizes, default=None)
 
 
 def make_target(kind: str, arch: str | None = None, num_cores: int | None = None):

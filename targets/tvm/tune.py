@@ -76,6 +76,9 @@ class SearchConfig:
     number: int = 3  # the runner's evaluator: runs per repeat, repeats, minimum time per repeat
     repeat: int = 1
     min_repeat_ms: int = 40
+    # Flush the CPU caches (all arguments but the first) before every timed run, so kernels are ranked
+    # with their weights streamed from memory, as in a model whose weights exceed the last-level cache.
+    cache_flush: bool = False
 
     def batch(self, trials: int, tasks: int) -> int:
         """Candidates per round: about three rounds per task, and every task gets its first round."""
@@ -293,8 +296,12 @@ BUILDS_PER_WORKER = 256
 def _runner(rpc: RPCConfig | None, search: SearchConfig):
     from tvm.s_tir import meta_schedule as ms
 
-    evaluator = ms.runner.EvaluatorConfig(number=search.number, repeat=search.repeat,
-                                          min_repeat_ms=search.min_repeat_ms)
+    if search.cache_flush:  # one run per repeat: the flush precedes each repeat, not each run
+        evaluator = ms.runner.EvaluatorConfig(number=1, repeat=max(search.number * search.repeat, 5),
+                                              min_repeat_ms=0, enable_cpu_cache_flush=True)
+    else:
+        evaluator = ms.runner.EvaluatorConfig(number=search.number, repeat=search.repeat,
+                                              min_repeat_ms=search.min_repeat_ms)
     if rpc is None:
         return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator)
     config = ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,

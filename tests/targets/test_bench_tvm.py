@@ -15,7 +15,7 @@ pytestmark = pytest.mark.xdist_group("tvm")
 
 
 def test_cpu_row_has_latency_peak_fraction_profile_and_matches_onnxruntime(tmp_path):
-    args = argparse.Namespace(rounds=1, repeat=2, profile_top=3, tune_minutes=None)
+    args = argparse.Namespace(rounds=1, repeat=2, profile_top=3, tune_minutes=None, no_untuned=False)
     row = bench_tvm.bench_cpu_model("digits_cnn_dynamo", [], args, tmp_path)
     untuned = row["variants"]["tvm_untuned"]
     assert untuned["matches_ort"] and untuned["ms"] > 0 and row["ort_ms"] > 0

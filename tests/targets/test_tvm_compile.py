@@ -57,6 +57,23 @@ def test_manifest_records_signature_versions_and_source_hash(compiled):
     assert (result.path / manifest["library"]).is_file()
 
 
+def test_runner_sizes_tvms_thread_pool_to_the_cores_the_artifact_was_compiled_for(compiled, tmp_path):
+    """In a fresh process: TVM's own default on x86 is half the hardware threads (one of two cores)."""
+    import os
+    import subprocess
+    import sys
+
+    folder, result = compiled
+    code = ("import sys, tvm; from graphopt.targets.tvm import load; "
+            "r = load(sys.argv[1], threads=int(sys.argv[2]) or None); print(r.threads, tvm.runtime.num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    cores = result.manifest["target"]["tvm"]["num-cores"]
+    for threads, want in ((0, cores), (1, 1)):
+        out = subprocess.run([sys.executable, "-c", code, str(result.path), str(threads)], env=env,
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert out == [str(want), str(want)]
+
+
 def test_runner_rejects_bad_inputs(compiled):
     runner = load(compiled[1].path)
     good = np.zeros((1, 3, 16, 16), np.float32)
@@ -127,6 +144,21 @@ def test_tuning_lowers_dense_convolutions_to_nhwc_and_keeps_grouped_ones_nchw():
     target = make_target("cpu", None, None)
     assert "conv2d_nhwc" in lower_to_tasks(to_relax(dense), target, nhwc=True).script()
     assert "conv2d_nhwc" not in lower_to_tasks(to_relax(dense), target).script()
+
+
+def test_tuning_flushes_caches_only_for_weights_larger_than_the_last_level_cache():
+    from graphopt.targets.tvm.build import weights_exceed
+    from graphopt.targets.tvm.target import last_level_cache_bytes
+    from graphopt.targets.tvm.tune import SearchConfig, _runner
+
+    net = conv_net()
+    size = sum(onnx.numpy_helper.to_array(t).nbytes for t in net.graph.initializer)
+    assert weights_exceed(net, size - 1) and not weights_exceed(net, size) and not weights_exceed(net, None)
+    llc = last_level_cache_bytes()
+    assert llc is None or llc >= 1 << 16
+    flushed = _runner(None, SearchConfig(cache_flush=True)).evaluator_config
+    assert flushed.enable_cpu_cache_flush and flushed.number == 1 and flushed.repeat > 1
+    assert not _runner(None, SearchConfig()).evaluator_config.enable_cpu_cache_flush
 
 
 def test_cuda_build_compiles_without_a_gpu(tmp_path):
