@@ -161,9 +161,20 @@ def size_thread_pool(threads: int | None, default: int | None = None) -> int:
     if threads is not None and threads < 1:
         raise ArtifactError(f"threads must be at least 1, got {threads}")
     wanted = int(threads or os.environ.get("TVM_NUM_THREADS") or default or usable)
+    previous = os.environ.get("TVM_NUM_THREADS")
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     os.environ["TVM_NUM_THREADS"] = str(wanted)  # read when the pool is made (the first call below)
-    if tvm.runtime.num_threads() != wanted:
+    try:
+        made = tvm.runtime.num_threads()
+    finally:  # not left set: MetaSchedule's worker processes inherit it and read it as their core count
+        if previous is None:
+            del os.environ["TVM_NUM_THREADS"]
+        else:
+            os.environ["TVM_NUM_THREADS"] = previous
+    if made != wanted:
         tvm.get_global_func("runtime.config_threadpool")(1, wanted)  # 1: TVM's kBig, i.e. any core
+    if affinity is not None:  # TVM pins the calling thread to one core; onnxruntime here would then get one
+        os.sched_setaffinity(0, affinity)
     return tvm.runtime.num_threads()
 
 
