@@ -146,6 +146,10 @@ class Runner:
         return [tvm.runtime.tensor(value, self.device) for value in check_feeds(self.inputs, feeds)]
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def size_thread_pool(threads: int | None, default: int | None = None) -> int:
     """Size TVM's CPU thread pool to ``threads``, else $TVM_NUM_THREADS, else ``default``, else every
     usable core, and return its size.
@@ -157,10 +161,9 @@ def size_thread_pool(threads: int | None, default: int | None = None) -> int:
     """
     import tvm
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if threads is not None and threads < 1:
         raise ArtifactError(f"threads must be at least 1, got {threads}")
-    wanted = int(threads or os.environ.get("TVM_NUM_THREADS") or default or usable)
+    wanted = int(threads or os.environ.get("TVM_NUM_THREADS") or default or usable_cores())
     previous = os.environ.get("TVM_NUM_THREADS")
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     os.environ["TVM_NUM_THREADS"] = str(wanted)  # read when the pool is made (the first call below)

@@ -8,18 +8,15 @@ generic CPU, so the host CPU comes from ``Target.from_device(tvm.cpu(0))``. Meta
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
 
+from .runtime import usable_cores
+
 TARGETS = ("cpu", "cuda")
 _ARCH = re.compile(r"^sm_\d{2,3}[a-z]?$")
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def last_level_cache_bytes() -> int | None:
