@@ -156,7 +156,7 @@ def bench_cpu_model(name: str, budgets: list[int], args: argparse.Namespace, wor
         runners[label] = runner
     session = ort_session(path, ["CPUExecutionProvider"])
     fns = {"ort": lambda: session.run(None, feeds)}
-    fns.update({label: _bound(r, feeds) for label, r in runners.items()})
+    fns.update({label: r.prepared(feeds) for label, r in runners.items()})
     load_before = os.getloadavg()
     samples = interleaved(fns, args.rounds, args.repeat)
     row["loadavg_timing"] = [load_before, os.getloadavg()]
@@ -187,11 +187,6 @@ def _macs(path: str, shapes: dict[str, list[int]]) -> int | None:
     model = graphopt.load(path)
     bind_shapes(model, shapes)
     return summarize(model).macs or None
-
-
-def _bound(runner, feeds):
-    args = runner._device_args(feeds)
-    return lambda: (runner._main(*args), runner.device.sync())
 
 
 def cpu_markdown(rows: list[dict[str, Any]]) -> str:
@@ -299,7 +294,7 @@ def run_bundle(bundle: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
         session = ort_session(str(folder / "model.onnx"), providers)
         ort_ok, _ = close(reference, dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds),
                                               strict=True)))
-        timing = paired(interleaved({"ort": lambda s=session, f=feeds: s.run(None, f), "tvm": _bound(runner, feeds)},
+        timing = paired(interleaved({"ort": lambda s=session, f=feeds: s.run(None, f), "tvm": runner.prepared(feeds)},
                                     args.rounds, args.repeat, with_peak=False), "ort")
         rows.append({"model": folder.name, "baseline": baseline, "ort_ms": timing["ort"][0], "tvm_ms": timing["tvm"][0],
                      "vs_ort": timing["tvm"][1], "tvm_matches_ort": ok, "err_over_rms": err,

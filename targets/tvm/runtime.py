@@ -13,7 +13,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +92,23 @@ class Runner:
         values = list(result) if len(self.outputs) > 1 else [result]
         return {spec["name"]: value.numpy() for spec, value in zip(self.outputs, values, strict=True)}
 
+    def prepared(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], None]:
+        """A call that runs the model once on ``feeds``, copied to the device now: what timing loops call."""
+        args = self._device_args(feeds)
+
+        def call() -> None:
+            self._main(*args)
+            self.device.sync()
+
+        return call
+
     def benchmark(self, feeds: Mapping[str, np.ndarray], repeat: int = 20, warmup: int = 3) -> list[float]:
         """Wall time (ms) of ``repeat`` runs after ``warmup`` runs, inputs already on the device."""
-        args = self._device_args(feeds)
+        call = self.prepared(feeds)
         times = []
         for i in range(warmup + repeat):
             start = time.perf_counter()
-            self._main(*args)
-            self.device.sync()
+            call()
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
         return times
