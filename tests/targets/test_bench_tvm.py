@@ -36,3 +36,18 @@ def test_close_uses_the_fp32_rule():
     ref = {"y": np.array([1.0, -2.0, 3.0], np.float32)}
     assert bench_tvm.close(ref, {"y": ref["y"] * (1 + 5e-5)})[0]
     assert not bench_tvm.close(ref, {"y": ref["y"] * (1 + 1e-3)})[0]
+
+
+def test_macs_bind_symbolic_dims_inside_the_graph_too(tmp_path):
+    """x (batch, seq, 8) -> Relu -> MatMul W (8, 4): the MatMul's input has the dims only by name."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [numpy_helper.from_array(np.ones((8, 4), np.float32), "w")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert bench_tvm._macs(str(path), {"x": [2, 16, 8]}) == 2 * 16 * 8 * 4
