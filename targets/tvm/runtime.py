@@ -185,7 +185,7 @@ def size_thread_pool(threads: int | None, default: int | None = None) -> int:
             os.environ["TVM_NUM_THREADS"] = previous
     if made != wanted:
         tvm.get_global_func("runtime.config_threadpool")(1, wanted)  # 1: TVM's kBig, i.e. any core
-    if affinity is not None:  # TVM pins the calling thread to one core; onnxruntime here would then get one
+    if affinity is not None:  # a one-thread pool pins the calling thread to one core: onnxruntime would inherit it
         os.sched_setaffinity(0, affinity)
     return tvm.runtime.num_threads()
 

@@ -72,7 +72,7 @@ def test_runner_sizes_tvms_thread_pool_to_the_cores_the_artifact_was_compiled_fo
     for threads, want in ((0, cores), (1, 1)):
         out = subprocess.run([sys.executable, "-c", code, str(result.path), str(threads)], env=env,
                              capture_output=True, text=True, check=True).stdout.split()
-        assert out == [str(want), str(want), "True"]  # TVM pins the caller to one core; load() undoes that
+        assert out == [str(want), str(want), "True"]  # a one-thread pool pins the caller; load() undoes that
 
 
 def test_runner_rejects_bad_inputs(compiled):
