@@ -163,27 +163,20 @@ def size_thread_pool(threads: int | None, default: int | None = None) -> int:
     """Size TVM's CPU thread pool to ``threads``, else $TVM_NUM_THREADS, else ``default``, else every
     usable core, and return its size.
 
-    TVM sizes the pool once, when it is first used, from TVM_NUM_THREADS; unset, it takes half the
-    hardware threads on x86 (it assumes hyper-threading), i.e. one of this machine's two cores, while
-    MetaSchedule tuned the kernels on two: MiniLM ran 1.9x slower than with the pool it was tuned for.
-    A pool made earlier in the process can only be narrowed (``runtime.config_threadpool``).
+    TVM reads TVM_NUM_THREADS when it makes the pool (its first use) *and at every parallel launch*:
+    there a value of 1, or when unset half the hardware threads (it assumes hyper-threading: one of
+    this machine's two cores), runs the kernel serially on the calling thread. So the variable is set
+    for the rest of the process; restoring it after making the pool ran MiniLM's FFN kernel on one
+    thread (345 against 184 us). A pool made earlier in the process can only be narrowed.
     """
     import tvm
 
     if threads is not None and threads < 1:
         raise ArtifactError(f"threads must be at least 1, got {threads}")
     wanted = int(threads or os.environ.get("TVM_NUM_THREADS") or default or usable_cores())
-    previous = os.environ.get("TVM_NUM_THREADS")
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    os.environ["TVM_NUM_THREADS"] = str(wanted)  # read when the pool is made (the first call below)
-    try:
-        made = tvm.runtime.num_threads()
-    finally:  # not left set: MetaSchedule's worker processes inherit it and read it as their core count
-        if previous is None:
-            del os.environ["TVM_NUM_THREADS"]
-        else:
-            os.environ["TVM_NUM_THREADS"] = previous
-    if made != wanted:
+    os.environ["TVM_NUM_THREADS"] = str(wanted)
+    if tvm.runtime.num_threads() != wanted:
         tvm.get_global_func("runtime.config_threadpool")(1, wanted)  # 1: TVM's kBig, i.e. any core
     if affinity is not None:  # a one-thread pool pins the calling thread to one core: onnxruntime would inherit it
         os.sched_setaffinity(0, affinity)

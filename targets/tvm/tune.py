@@ -23,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import os
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -218,12 +220,14 @@ def tune(
         counter = _Counter(trials, [t.task_name for t in missing], on_progress, deadline)
         builder = _persistent_builder(_cores(target))
         try:
-            ms.tune.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=trials,
-                max_trials_per_task=trials, num_trials_per_iter=batch,
-                builder=builder, runner=_runner(rpc, search), database=db, cost_model="xgb",
-                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter.callback()],
-            )
+            with kernel_threads(_cores(target)):  # the runner's processes time kernels on the artifact's threads
+                ms.tune.tune_tasks(
+                    tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=trials,
+                    max_trials_per_task=trials, num_trials_per_iter=batch,
+                    builder=builder, runner=_runner(rpc, search), database=db, cost_model="xgb",
+                    measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                                       counter.callback()],
+                )
         except Exception:  # noqa: BLE001 - _TimeUp comes back through TVM's FFI, possibly re-wrapped
             if not counter.timed_out:
                 raise
@@ -254,6 +258,23 @@ def _cores(target) -> int:
 
     cores = target.attrs.get("num-cores") if target.kind.name == "llvm" else None
     return int(cores) if cores else usable_cores()
+
+
+@contextmanager
+def kernel_threads(threads: int) -> Iterator[None]:
+    """TVM_NUM_THREADS set to ``threads`` inside the block. Compiled kernels read it at every parallel
+    launch (unset: half the hardware threads, i.e. serial on this 2-core machine), and MetaSchedule's
+    local runner processes inherit it when they start: without it they timed candidates on one
+    thread while the artifact runs on the target's ``num-cores``. (RPC servers keep their own.)"""
+    previous = os.environ.get("TVM_NUM_THREADS")
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TVM_NUM_THREADS"]
+        else:
+            os.environ["TVM_NUM_THREADS"] = previous
 
 
 def _persistent_builder(workers: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -73,6 +74,47 @@ def test_runner_sizes_tvms_thread_pool_to_the_cores_the_artifact_was_compiled_fo
         out = subprocess.run([sys.executable, "-c", code, str(result.path), str(threads)], env=env,
                              capture_output=True, text=True, check=True).stdout.split()
         assert out == [str(want), str(want), "True"]  # a one-thread pool pins the caller; load() undoes that
+
+
+PARALLEL_KERNEL = """
+import sys, threading, time
+import numpy as np, tvm
+from tvm.script import tirx as T
+from graphopt.targets.tvm import load
+
+seen = set()
+
+@tvm.register_global_func("test.record_thread", override=True)
+def record(i):
+    seen.add(threading.get_ident())
+    time.sleep(0.01)  # long enough that the other worker takes the other half
+    return 0
+
+@T.prim_func
+def kernel(a: T.Buffer((8,), "float32")):
+    for i in T.parallel(8):
+        a[i] = T.Cast("float32", T.call_packed("test.record_thread", i))
+
+lib = tvm.compile(kernel, target="llvm")
+runner = load(sys.argv[1], threads=2)
+lib(tvm.runtime.tensor(np.zeros(8, "float32")))
+print(runner.threads, len(seen))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_kernels_run_on_every_thread_of_the_pool_load_made(compiled, tmp_path):
+    """TVM reads TVM_NUM_THREADS at every parallel launch too: load() once restored it after making the
+    pool, and every kernel ran serially on the calling thread although the pool had two threads."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "parallel_kernel.py"  # TVMScript reads the kernel's source from its file
+    script.write_text(PARALLEL_KERNEL)
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    out = subprocess.run([sys.executable, str(script), str(compiled[1].path)], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["2", "2"]
 
 
 def test_runner_rejects_bad_inputs(compiled):

@@ -24,7 +24,7 @@ pytest.importorskip("tvm")
 from graphopt.errors import GraphoptError  # noqa: E402
 from graphopt.targets.tvm import RPCConfig, compile_model, load  # noqa: E402
 from graphopt.targets.tvm.runtime import ArtifactError  # noqa: E402
-from graphopt.targets.tvm.tune import database_digest  # noqa: E402
+from graphopt.targets.tvm.tune import database_digest, kernel_threads  # noqa: E402
 from tests.targets.tvm_models import assert_matches, conv_layer, ort_outputs  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("tvm")
@@ -83,6 +83,20 @@ def test_database_without_tuning_applies_its_schedules_and_profiles_in_bytecode_
     assert any("conv2d" in name for name in kernels), kernels
     with pytest.raises(ArtifactError, match="exec-mode bytecode"):
         load(first.path).profile({"x": X})
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_local_runner_processes_time_kernels_on_the_targets_threads(monkeypatch):
+    """MetaSchedule's runner workers inherit the environment when they start; without TVM_NUM_THREADS
+    TVM gives them half the hardware threads (one of CI's two cores), not the artifact's count."""
+    import tvm
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    with kernel_threads(2):
+        pool = PopenPoolExecutor(max_workers=1)
+        assert pool.submit(tvm.runtime.num_threads).result() == 2
+    assert "TVM_NUM_THREADS" not in os.environ
 
 
 def test_applying_a_missing_database_is_an_error(tmp_path):
