@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------ timing
+BLAS_SPIN_S = 0.5  # longer than OpenBLAS's busy-wait after a call (its thread timeout, ~0.1 s)
+
 def peak_gflops(size: int = 2048, runs: int = 3) -> float:
     """Best of ``runs`` float32 matmuls: on a shared machine one timing can land in another job's burst."""
     a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
@@ -85,19 +87,22 @@ def median_ms(fn, repeat: int, min_seconds: float = 0.1) -> float:
 
 def interleaved(variants: dict[str, Any], rounds: int, repeat: int, with_peak: bool = True) -> dict[str, list[float]]:
     """Each variant's per-round median (ms), variants run in turn within a round (order rotated every
-    round, so none always follows the same neighbour); ``peak`` GFLOP/s per round too."""
+    round, so none always follows the same neighbour); ``peak`` GFLOP/s before and after the rounds.
+
+    Not between rounds: numpy's BLAS threads busy-wait for a while after a matmul, and the variant
+    that ran next lost a core to them (TVM's MobileNet read 0.167 ms in those rounds, 0.093 in the others).
+    """
+    peaks = [peak_gflops()] if with_peak else []
+    time.sleep(BLAS_SPIN_S)
     for fn in variants.values():
         fn()  # warm up
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    peaks = []
     for r in range(rounds):
-        if with_peak:
-            peaks.append(peak_gflops())
         for name in names[r % len(names):] + names[: r % len(names)]:
             samples[name].append(median_ms(variants[name], repeat))
     if with_peak:
-        samples["peak_gflops"] = peaks
+        samples["peak_gflops"] = [*peaks, peak_gflops()]
     return samples
 
 

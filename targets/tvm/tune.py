@@ -219,20 +219,21 @@ def tune(
         deadline = None if time_limit_s is None else start + time_limit_s
         counter = _Counter(trials, [t.task_name for t in missing], on_progress, deadline)
         builder = _persistent_builder(_cores(target))
-        try:
-            with kernel_threads(_cores(target)):  # the runner's processes time kernels on the artifact's threads
+        with kernel_threads(_cores(target)):  # the runner's processes start in it: kernels timed as deployed
+            runner = _runner(rpc, search)
+            try:
                 ms.tune.tune_tasks(
                     tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=trials,
                     max_trials_per_task=trials, num_trials_per_iter=batch,
-                    builder=builder, runner=_runner(rpc, search), database=db, cost_model="xgb",
-                    measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                                       counter.callback()],
+                    builder=builder, runner=runner, database=db, cost_model="xgb",
+                    measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter.callback()],
                 )
-        except Exception:  # noqa: BLE001 - _TimeUp comes back through TVM's FFI, possibly re-wrapped
-            if not counter.timed_out:
-                raise
-        finally:
-            builder.pool.shutdown()
+            except Exception:  # noqa: BLE001 - _TimeUp comes back through TVM's FFI, possibly re-wrapped
+                if not counter.timed_out:
+                    raise
+            finally:  # their worker processes would outlive the tuning (orphans left by the test suite)
+                builder.pool.shutdown()
+                runner.pool.shutdown()
         report.trials, report.failed, report.timed_out = counter.ok, counter.failed, counter.timed_out
         if counter.ok == 0:
             raise GraphoptError(f"tuning measured no candidate successfully ({counter.failed} failed)",

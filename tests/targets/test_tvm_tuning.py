@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -96,6 +97,7 @@ def test_local_runner_processes_time_kernels_on_the_targets_threads(monkeypatch)
     with kernel_threads(2):
         pool = PopenPoolExecutor(max_workers=1)
         assert pool.submit(tvm.runtime.num_threads).result() == 2
+        pool.shutdown()
     assert "TVM_NUM_THREADS" not in os.environ
 
 
@@ -143,21 +145,22 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def rpc_cluster(servers: int, key: str):
-    """A TVM RPC tracker and ``servers`` servers on loopback (subprocesses, stopped on exit)."""
+    """A TVM RPC tracker and ``servers`` servers on loopback (subprocesses, stopped on exit). Each runs in
+    its own process group, stopped as a group: a server's session workers outlive a stopped server."""
     from tvm import rpc
 
     tracker_port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                                "--port", str(tracker_port), "--port-end", str(tracker_port + 1)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
         for _ in range(servers):
             port = _free_port()
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
                  "--port-end", str(port + 1), "--tracker", f"127.0.0.1:{tracker_port}", "--key", key],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         deadline = time.monotonic() + 300
         while True:
             with contextlib.suppress(Exception):
@@ -170,12 +173,12 @@ def rpc_cluster(servers: int, key: str):
         yield f"127.0.0.1:{tracker_port}"
     finally:
         for proc in procs:
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)
         for proc in procs:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
