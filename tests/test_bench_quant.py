@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import parse
 from tools.bench.quant_data import build_data
 from tools.bench.quantizers import ORT_METHODS
-from tools.bench_quant import default_method, evaluate, main, score
+from tools.bench_quant import _not_slower_check, default_method, evaluate, main, score
 
 MODEL = "digits_cnn_torchscript"
 TOOLS = ("graphopt_static", "ort_static_u8s8")
@@ -92,6 +92,18 @@ def test_targets_and_report(run):
     for label in ("fp32", *TOOLS):
         assert re.search(rf"^\| {MODEL} +\| {label} +\| (ok|error) ", markdown, re.MULTILINE), label
     assert data["environment"]["onnxruntime"]
+
+
+def test_slower_than_fp32_means_slower_than_the_runs_own_noise():
+    def model(name, speedup, control):
+        return {"model": name, "variants": {"fp32": {"latency_control": {"speedup": control}},
+                                            "graphopt_static": {"ok": True, "speedup": speedup,
+                                                                "metrics": {"sqnr_db": 40.0}}}}
+
+    within_noise = _not_slower_check([model("a", 0.996, 0.99), model("b", 1.2, 1.01)])
+    assert within_noise["met"] is True and "slowest 0.996x" in within_noise["line"]
+    slower = _not_slower_check([model("a", 0.97, 0.99), model("b", 1.2, 1.01), model("c", 0.995, 1.02)])
+    assert slower["met"] is False and "a graphopt_static 0.970x" in slower["line"] and " c " in slower["line"]
 
 
 def test_score_against_fp32_and_labels():
