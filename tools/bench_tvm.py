@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------------------------------------ timing
 BLAS_SPIN_S = 0.5  # longer than OpenBLAS's busy-wait after a call (its thread timeout, ~0.1 s)
 
+
 def peak_gflops(size: int = 2048, runs: int = 3) -> float:
     """Best of ``runs`` float32 matmuls: on a shared machine one timing can land in another job's burst."""
     a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
@@ -92,8 +93,10 @@ def interleaved(variants: dict[str, Any], rounds: int, repeat: int, with_peak: b
     Not between rounds: numpy's BLAS threads busy-wait for a while after a matmul, and the variant
     that ran next lost a core to them (TVM's MobileNet read 0.167 ms in those rounds, 0.093 in the others).
     """
-    peaks = [peak_gflops()] if with_peak else []
-    time.sleep(BLAS_SPIN_S)
+    peaks = []
+    if with_peak:
+        peaks.append(peak_gflops())
+        time.sleep(BLAS_SPIN_S)
     for fn in variants.values():
         fn()  # warm up
     names = list(variants)
