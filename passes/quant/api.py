@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 MIN_EVAL, EVAL_SECONDS = 8, 10.0  # the dynamic/weight-only reference stops after 10 s once it has 8 samples
 #: int8 is kept only when it takes at most this share of fp32's time: at parity the speed gain is noise
 #: and the accuracy loss is real. 0.95: the A/A control of tools/bench_quant.py read 0.96-1.07 here, and at
-#: 0.97 the digits CNN came back int8 at a benchmarked 1.03x (output SQNR 40 dB) for no real gain.
+#: 0.97 the digits CNN came back int8 at a benchmarked 1.03x (output SQNR 40 dB) for no real gain. A ratio
+#: under it is timed twice and the slower reading decides: one 2 s timing under load once kept the small
+#: ResNet int8 for a benchmarked 1.02x.
 PAYS_BELOW = 0.95
 SQNR_SAMPLES = 2  # per-tensor SQNR runs both models with every quantized tensor exposed: a few samples
 
@@ -285,6 +287,10 @@ def _pay_or_fall_back(job: _Job, plan: Plan, selected: set[str], report: QuantRe
     while True:
         model, _ = job.build(selected)
         ratio, times = paired_latency(model, fp32, feed)
+        if ratio <= PAYS_BELOW:  # a verdict that costs accuracy needs a second timing (fresh session) to agree
+            again, times_again = paired_latency(model, fp32, feed)
+            if again > ratio:
+                ratio, times = again, times_again
         report.latency_ms, report.latency_ratio = times, ratio
         if ratio <= PAYS_BELOW or not selected:
             return selected

@@ -135,6 +135,21 @@ def test_latency_aware_never_returns_a_slower_model(zoo):
         assert sum(f.reason == "latency" for f in report.kept_float) >= 19  # 19 Conv + Gemm + Adds
 
 
+def test_one_lucky_timing_does_not_keep_int8(zoo, digits, monkeypatch):
+    """A first reading under PAYS_BELOW that a second timing does not repeat is noise: int8 is not kept."""
+    readings = iter([0.90] + [1.0] * 20)
+    calls = []
+
+    def fake_latency(model, baseline, feed):
+        calls.append(1)
+        return next(readings), {"quantized": 1.0, "fp32": 1.0}
+
+    monkeypatch.setattr("graphopt.passes.quant.api.paired_latency", fake_latency)
+    _, report = quantize(str(zoo.build("digits_cnn_dynamo")), digits["calib"], QuantConfig())
+    assert len(calls) >= 2 and report.quantized_nodes == 0
+    assert all(f.reason == "latency" for f in report.kept_float)
+
+
 def test_cli_quantize_writes_a_runnable_model_and_json(zoo, digits, tmp_path, capsys):
     path = str(zoo.build("digits_cnn_dynamo"))
     calib = tmp_path / "calib.npz"
