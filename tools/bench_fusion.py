@@ -40,10 +40,10 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.bench.child import run_in_child
-from tools.bench.latency import paired_ratio
 from tools.bench.markdown import table
 from tools.bench.numerics import check_in_children, write_feeds
 from tools.bench.ort_transformers import ort_transformers_args
+from tools.bench.pairing import paired_ratio
 from tools.bench.simplifiers import TOOLS
 from tools.bench.stats import model_stats
 

@@ -48,8 +48,8 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.bench.child import run_in_child
-from tools.bench.latency import paired_ratio
 from tools.bench.markdown import table
+from tools.bench.pairing import paired_ratio
 from tools.bench.quant_data import QuantData, build_data, write_calibration
 from tools.bench.quantizers import GRAPHOPT, TOOLS
 from tools.bench.stats import file_bytes

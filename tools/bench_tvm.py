@@ -43,6 +43,11 @@ from typing import Any
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script (the GPU side): make `tools` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.bench.pairing import paired_ratio
+
 DEFAULT_MODELS = ("digits_cnn_dynamo", "resnet_dynamo", "mobilenet_dynamo", "bert_dynamo", "minilm_dynamo")
 BUNDLE_MODELS = ("digits_cnn_dynamo", "resnet_dynamo", "mobilenet_dynamo", "bert_dynamo")  # small files
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,8 +117,7 @@ def interleaved(variants: dict[str, Any], rounds: int, repeat: int, with_peak: b
 def paired(samples: dict[str, list[float]], baseline: str) -> dict[str, tuple[float, float]]:
     """name -> (median ms, median over rounds of ms / baseline's ms in the same round): load that
     changes between rounds affects both sides of each ratio alike."""
-    base = samples[baseline]
-    return {name: (statistics.median(s), statistics.median(a / b for a, b in zip(s, base, strict=True)))
+    return {name: (statistics.median(s), paired_ratio(s, samples[baseline]))
             for name, s in samples.items() if name != "peak_gflops"}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.bench.latency import paired_ratio
+from tools.bench.pairing import paired_ratio
 from tools.bench_fusion import (
     BenchConfig,
     bench_feeds,

@@ -48,7 +48,8 @@ def measure_interleaved(
     variants: Mapping[str, Callable[[], object]], *, runs: int = 20, warmup: int = 3, min_seconds: float = 0.0,
     max_runs: int = 1000,
 ) -> dict[str, LatencyStats]:
-    """Call every variant ``warmup`` times, then ``runs`` rounds of one call each, in the same order.
+    """Call every variant ``warmup`` times, then ``runs`` rounds of one call each, the order rotated by one
+    each round (where a variant sits in the round moved its paired ratio by up to 0.1 on 0.2 ms models).
 
     With ``min_seconds``, fast variants get more rounds (up to ``max_runs``) so the rounds take about that
     long: 20 rounds of a sub-millisecond model measure mostly the machine's noise.
@@ -68,8 +69,12 @@ def measure_interleaved(
         for call in live.values():
             call()
         runs = max(runs, min(max_runs, int(min_seconds / max(time.perf_counter() - start, 1e-6))))
-    for _ in range(runs):
-        for name, call in list(live.items()):
+    for round_ in range(runs):
+        if not live:
+            break
+        names = list(live)  # rotated each round: no variant always runs first, or right after the same one
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            call = live[name]
             start, cpu_start = time.perf_counter(), time.process_time()
             try:
                 call()
@@ -102,7 +107,7 @@ def ort_latency(
 
     ``feeds_file`` is a pickle of an input dict (run in a :mod:`.child`, it must be a path). Returns
     ``{label: {level: LatencyStats dict}}``; a model onnxruntime cannot load gets the error at every level.
-    With ``samples`` the per-round timings are kept too (see :func:`paired_ratio`); ``min_seconds``: see
+    With ``samples`` the per-round timings are kept too (see :func:`.pairing.paired_ratio`); ``min_seconds``: see
     :func:`measure_interleaved`.
     """
     with open(feeds_file, "rb") as f:
@@ -128,16 +133,6 @@ def ort_latency(
         label, level = key.split("\t")
         out[label][level] = stats.to_dict(samples=samples)
     return out
-
-
-def paired_ratio(samples_ms: Sequence[float], baseline_ms: Sequence[float]) -> float | None:
-    """Median over rounds of ``sample / baseline`` measured in the same round of an interleaved run.
-
-    More robust than a ratio of medians when the machine's speed drifts during the run: both timings of
-    a round saw the same machine.
-    """
-    pairs = [a / b for a, b in zip(samples_ms, baseline_ms, strict=False) if b > 0]
-    return statistics.median(pairs) if pairs else None
 
 
 def _runner(sess: Any, feeds: dict[str, Any]) -> Callable[[], object]:

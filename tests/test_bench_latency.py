@@ -1,0 +1,33 @@
+"""The interleaved timing loop every benchmark shares (tools/bench/latency.py)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from tools.bench.latency import measure_interleaved
+from tools.bench.pairing import paired_ratio
+
+
+def test_every_variant_takes_every_place_in_the_round():
+    order: list[str] = []
+    variants = {name: (lambda n=name: order.append(n)) for name in "abc"}
+    stats = measure_interleaved(variants, runs=6, warmup=0)
+    rounds = [order[i:i + 3] for i in range(0, 18, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    places = Counter((i, name) for r in rounds for i, name in enumerate(r))
+    assert places == Counter({(i, name): 2 for i in range(3) for name in "abc"})
+    assert all(s.runs == 6 for s in stats.values())
+
+
+def test_a_failing_variant_is_dropped_and_the_others_stay_paired():
+    calls = Counter()
+
+    def broken() -> None:
+        calls["broken"] += 1
+        if calls["broken"] > 3:
+            raise RuntimeError("gone")
+
+    stats = measure_interleaved({"base": lambda: None, "broken": broken, "other": lambda: None}, runs=5, warmup=1)
+    assert stats["broken"].error == "RuntimeError: gone"
+    assert stats["base"].runs == stats["other"].runs == 5
+    assert paired_ratio(stats["other"].samples_ms, stats["base"].samples_ms) is not None
