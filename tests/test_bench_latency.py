@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from tools.bench.latency import measure_interleaved
@@ -11,7 +12,8 @@ from tools.bench.pairing import paired_ratio
 def test_every_variant_takes_every_place_in_the_round():
     order: list[str] = []
     variants = {name: (lambda n=name: order.append(n)) for name in "abc"}
-    stats = measure_interleaved(variants, runs=6, warmup=0)
+    stats = measure_interleaved(variants, runs=6, warmup=0, block_ms=0)
+    order = order[3:]  # the calls that sized the blocks
     rounds = [order[i:i + 3] for i in range(0, 18, 3)]
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
     places = Counter((i, name) for r in rounds for i, name in enumerate(r))
@@ -31,3 +33,19 @@ def test_a_failing_variant_is_dropped_and_the_others_stay_paired():
     assert stats["broken"].error == "RuntimeError: gone"
     assert stats["base"].runs == stats["other"].runs == 5
     assert paired_ratio(stats["other"].samples_ms, stats["base"].samples_ms) is not None
+
+
+def test_a_round_times_a_warm_block_not_the_call_after_a_switch():
+    """A model whose first call after another model is slow (cold caches) is timed as it runs in a loop."""
+    last = [""]
+
+    def variant(name: str, warm_s: float, switch_s: float):
+        def call() -> None:
+            time.sleep(warm_s + (switch_s if last[0] != name else 0.0))
+            last[0] = name
+        return call
+
+    stats = measure_interleaved({"fast": variant("fast", 0.0002, 0.004), "slow": variant("slow", 0.012, 0.0)},
+                                runs=5, warmup=1, block_ms=5.0)
+    assert stats["fast"].median_ms < 2.0  # the 4 ms switch-in call is not the sample
+    assert 12.0 <= stats["slow"].median_ms < 20.0  # slower than a block: one call per round
