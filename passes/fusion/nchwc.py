@@ -16,8 +16,11 @@ garbage or fails where MLAS picks 16 (onnxruntime itself warns that such a saved
 used in the same environment the model was optimized in"). So the pass runs only for the host-bound
 target ``ort-cpu``, and probes the block size from the installed onnxruntime (:func:`block_size`).
 
-Covered: Conv (2-D, constant weights, float32, NOTSET padding; group 1 with input channels a multiple of
-B or fewer than B, or depthwise), output channels a multiple of B; Relu / Clip / Sigmoid / Tanh /
+Covered: Conv (2-D, constant weights, float32, NOTSET padding; group 1 or depthwise, reading a blocked
+tensor, an NCHW one whose channels are a multiple of B, or, group 1, an NCHW image of fewer than B
+channels). As onnxruntime does, channel counts that are not a multiple of B are padded up to one: zero
+filters for the extra output channels, zero taps for the extra input channels, and ``ReorderOutput`` drops
+them (MobileNetV2's 24-channel convs on AVX-512, B = 16). Relu / Clip / Sigmoid / Tanh /
 LeakyRelu / HardSigmoid after a Conv (fused), residual Add of two blocked tensors (fused into the Conv
 that computed one of them when it is used once, else an elementwise Add on blocked tensors), unary
 activations on blocked tensors, MaxPool (one output) / AveragePool / GlobalAveragePool / GlobalMaxPool.
@@ -163,22 +166,30 @@ class _Layout:
             return
         out_channels, in_per_group, *_ = w.const.shape
         group, channels = node.attr("group", 1), x.shape[1]
-        if out_channels % self.block:
-            return
-        if group == 1 and channels % self.block == 0:
-            source, weights = twin or self._reorder_input(node, x), reorder_filter(w.const.numpy(), self.block,
-                                                                                   blocked_input=True)
+        blockable = twin is not None or channels % self.block == 0  # a twin is already padded to whole blocks
+        padded = self._padded(out_channels)
+        attrs = {k: node.attr(k) for k in CONV_ATTRS if node.attr(k) is not None}
+        if group == 1 and blockable:
+            source = twin or self._reorder_input(node, x)
+            weights = reorder_filter(_pad_filter(w.const.numpy(), padded, self._padded(channels)), self.block,
+                                     blocked_input=True)
         elif group == 1 and channels < self.block and twin is None:
-            source, weights = x, reorder_filter(w.const.numpy(), self.block, blocked_input=False)
-        elif group == channels == out_channels and in_per_group == 1 and channels % self.block == 0:
-            source, weights = twin or self._reorder_input(node, x), reorder_filter(w.const.numpy(), self.block,
-                                                                                   blocked_input=False)
+            source = x
+            weights = reorder_filter(_pad_filter(w.const.numpy(), padded, channels), self.block, blocked_input=False)
+        elif group == channels == out_channels and in_per_group == 1 and blockable:
+            source = twin or self._reorder_input(node, x)
+            weights = reorder_filter(_pad_filter(w.const.numpy(), padded, 1), self.block, blocked_input=False)
+            attrs["group"] = padded
         else:
             return
+        if bias is not None and padded != out_channels:
+            bias = self._const(np.pad(bias.const.numpy(), (0, padded - out_channels)), bias.name)
         inputs = [source, self._const(weights, w.name)] + ([bias] if bias is not None else [])
-        attrs = {k: node.attr(k) for k in CONV_ATTRS if node.attr(k) is not None}
         conv = self._emit(node, "Conv", inputs, attrs, out_channels)
         self.made[id(conv.outputs[0])] = conv
+
+    def _padded(self, channels: int) -> int:
+        return -(-channels // self.block) * self.block
 
     def _activation(self, node: Node, twin: Value) -> None:
         conv = self.made.get(id(twin))
@@ -284,6 +295,14 @@ def _plain_conv(node: Node, x: Value, w: Value | None, bias: Value | None) -> bo
             and w.elem_type == 1 and x.elem_type == 1 and x.shape is not None and len(x.shape) == 4
             and isinstance(x.shape[1], int) and node.attr("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET")
             and (bias is None or (bias.const is not None and not bias.is_graph_input())))
+
+
+def _pad_filter(weights: np.ndarray, out_channels: int, in_channels: int) -> np.ndarray:
+    """Zero filters for the padding output channels and zero taps for the padding input channels: those
+    channels of a blocked tensor hold whatever the ops before left there (Sigmoid(0) = 0.5), and zero
+    weights keep it out of every real channel."""
+    o, i, *_ = weights.shape
+    return np.pad(weights, [(0, out_channels - o), (0, in_channels - i), (0, 0), (0, 0)])
 
 
 def _used_once(value: Value) -> bool:

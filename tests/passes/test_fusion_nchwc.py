@@ -93,18 +93,38 @@ def test_default_target_stays_portable():
 
 
 @needs_nchwc
-def test_convs_it_cannot_lay_out_stay_nchw():
+def test_channel_counts_off_the_block_are_padded_and_cropped():
+    """12 and 20 channels (a multiple of neither 8 nor 16) run blocked with zero-padded filters; Sigmoid
+    leaves 0.5 in the padding channels, which must not reach a real channel or an output."""
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 16, 8, 8] x, float[16, 16, 3, 3] wx) => (float[1, 12, 8, 8] y, float[1, 16, 8, 8] z) {
-        y = Conv <pads = [1, 1, 1, 1]> (x, w12)
+    g (float[1, 16, 8, 8] x, float[16, 16, 3, 3] wx) => (float[1, 20, 1, 1] y, float[1, 12, 8, 8] mid,
+                                                          float[1, 16, 8, 8] z) {
+        a = Conv <pads = [1, 1, 1, 1]> (x, w12, b12)
+        s = Sigmoid(a)
+        d = Conv <group = 12, pads = [1, 1, 1, 1]> (s, wd, bd)
+        mid = Relu(d)
+        c = Conv (mid, w20)
+        e = Conv (s, w20b, b20)
+        r = Add(c, e)
+        y = GlobalAveragePool(r)
         z = Conv <pads = [1, 1, 1, 1]> (x, wx)
     }
     """
-    proto = model_from(text, {"w12": rand(12, 16, 3, 3)})  # 12 output channels: not a multiple of the block
+    proto = model_from(text, {"w12": rand(12, 16, 3, 3, seed=1), "b12": rand(12, seed=2),
+                              "wd": rand(12, 1, 3, 3, seed=3), "bd": rand(12, seed=4),
+                              "w20": rand(20, 12, 1, 1, seed=5), "w20b": rand(20, 12, 1, 1, seed=6),
+                              "b20": rand(20, seed=7)})
     model = _optimize(proto, "ort-cpu")
-    assert [(n.domain, n.op_type) for n in model.graph] == [("", "Conv"), ("", "Conv")]  # wx: a graph input
-    feeds = {"x": rand(1, 16, 8, 8, seed=2), "wx": rand(16, 16, 3, 3, seed=3)}
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    assert [n.domain for n in convs].count(NCHWC) == 4  # wx is a graph input: that conv stays NCHW
+    padded = -(-20 // BLOCK) * BLOCK
+    assert sorted(n.inputs[1].const.shape[0] for n in convs if n.domain == NCHWC) == sorted(
+        [-(-12 // BLOCK) * BLOCK] * 2 + [padded] * 2)
+    depthwise = next(n for n in convs if n.attr("group", 1) > 1)
+    assert depthwise.attr("group") == -(-12 // BLOCK) * BLOCK
+    assert sorted(n.attr("channels") for n in model.graph if n.op_type == "ReorderOutput") == [12, 20]
+    feeds = {"x": rand(1, 16, 8, 8, seed=8), "wx": rand(16, 16, 3, 3, seed=9)}
     assert_same_outputs(proto, model, feeds)
 
 
@@ -116,7 +136,7 @@ CNNS = ["digits_cnn_torchscript", "digits_cnn_dynamo", "resnet_torchscript", "re
 @pytest.mark.parametrize("name", [*CNNS, *(pytest.param(n, marks=pytest.mark.slow) for n in
                                            ("resnet50_torchscript", "mobilenet_v2_torchscript"))])
 def test_zoo_cnns_with_the_default_pipeline(name):
-    """The whole default pipeline for ort-cpu: every conv with block-aligned channels is laid out, and the
+    """The whole default pipeline for ort-cpu: every conv is laid out (as onnxruntime's ALL level does), and the
     outputs match the original at the zoo's two input shapes."""
     from tools.zoo import MODELS, build, make_inputs
 
@@ -125,7 +145,6 @@ def test_zoo_cnns_with_the_default_pipeline(name):
     graphopt.optimize(model, target_runtime="ort-cpu")
     verify(model)
     convs = [n for n in model.graph if n.op_type == "Conv"]
-    aligned = [n for n in convs if n.domain == NCHWC]
-    assert aligned and all(n.inputs[1].const.shape[0] % BLOCK for n in convs if n.domain != NCHWC)
+    assert convs and all(n.domain == NCHWC for n in convs)  # any channel count: padded to whole blocks
     for second in (False, True):
         assert_same_outputs(str(path), model, make_inputs(MODELS[name], second=second))
