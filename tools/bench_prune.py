@@ -15,7 +15,8 @@ What is measured, per model:
   crops of the other sample photo (``china.jpg``).
 * small BERT (random weights): output SQNR on 200 held-out random token sequences; 64 for calibration.
 * latency: onnxruntime CPU (ORT_ENABLE_ALL, 2 intra-op threads, allow_spinning 0), the variants and the
-  unpruned model interleaved in one process (A B C A B C ...); a variant's ratio is the median over rounds of
+  unpruned model interleaved in one process (A B C, B C A, ...; each model warm in its round: the median
+  of a ~5 ms block of back-to-back calls); a variant's ratio is the median over rounds of
   its time over the unpruned model's time *in the same round* (wall clock, and process CPU time, which other
   processes on a shared machine stretch less), so drift of the machine's speed cancels. ``--only latency``
   measures the ResNet latency target on its own: the small ResNet at 50 % FLOPs, both exporters, batch 1

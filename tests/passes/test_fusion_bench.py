@@ -26,6 +26,20 @@ def test_bench_feeds_set_batch_and_sequence():
     assert bench_feeds("resnet_torchscript", 8, 128)["images"].shape == (8, 3, 64, 64)
 
 
+def _result(graphopt: float, onnxsim: float, control: float) -> dict:
+    cell = lambda x: {"b1": {"all": {"cpu_x_all": x}}}  # noqa: E731
+    return {"model": "digits_cnn_dynamo", "control": cell(control),
+            "variants": {"original": {"latency": cell(1.0)}, "graphopt": {"latency": cell(graphopt)},
+                         "onnxsim": {"latency": cell(onnxsim)}}}
+
+
+def test_targets_treat_ratios_within_the_noise_as_equal():
+    assert targets(_result(1.004, 0.997, control=1.000))["b1"]["all_le_simplifiers"]  # the floor, not 0 noise
+    assert not targets(_result(1.03, 0.997, control=1.000))["b1"]["all_le_simplifiers"]
+    assert targets(_result(1.03, 0.997, control=0.96))["b1"]["all_le_original"]  # a noisy run allows more
+    assert not targets(_result(1.03, 0.997, control=0.99))["b1"]["all_le_original"]
+
+
 @pytest.mark.slow
 def test_bench_model_on_a_small_cnn(tmp_path):
     cfg = BenchConfig(batches=(1, 2), runs=2, warmup=1, min_seconds=0.5, creation_repeat=1, timeout=300)
