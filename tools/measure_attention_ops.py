@@ -2,7 +2,8 @@
 
 The fusion passes in ``passes/fusion/{norm,gelu,attention}.py`` pick their target ops from these
 numbers: one small graph per candidate form of the same computation (LayerNorm, RMSNorm, GELU,
-SiLU, multi-head attention with its projections, QKV merging), at BERT-base shapes, each run in
+SiLU, multi-head attention with its projections, QKV merging, the FFN's inner width padded off 4 KiB
+rows), at BERT-base shapes, each run in
 onnxruntime at the given optimization levels, all variants interleaved (A B C A B C ...), medians.
 End-to-end model latency (original, peers, graphopt) is ``tools/bench_fusion.py``'s job.
 
@@ -369,6 +370,24 @@ def attention_cases(batch: int, seq: int, mask: str, hidden: int = 768, heads: i
     return {name: (model, feeds) for name, model in cases.items()}
 
 
+def ffn_cases(batch: int, seq: int, hidden: int = 768, width: int = 3072) -> dict[str, Case]:
+    """BERT's FFN (MatMul, BiasGelu, MatMul) with its inner width as exported and padded by zero weights
+    (``passes/fusion/stride.py``): the same outputs, the second GEMM reading rows of another length."""
+    rng = np.random.default_rng(0)
+    xi, xv = _x(batch, seq, hidden, rng)
+    w1 = rng.standard_normal((hidden, width)).astype(np.float32) / np.sqrt(hidden)
+    bias = rng.standard_normal(width).astype(np.float32)
+    w2 = rng.standard_normal((width, hidden)).astype(np.float32) / np.sqrt(width)
+
+    def build(pad: int) -> onnx.ModelProto:
+        g = G()
+        h = g.op("MatMul", "x", g.const(np.pad(w1, [(0, 0), (0, pad)])))
+        a = g.op("BiasGelu", h, g.const(np.pad(bias, (0, pad))), domain=MS)
+        return g.model([xi], g.op("MatMul", a, g.const(np.pad(w2, [(0, pad), (0, 0)]))))
+
+    return {f"ffn_{width}" + (f"_padded_{pad}" if pad else ""): (build(pad), {"x": xv}) for pad in (0, 16, 32, 64)}
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -379,6 +398,8 @@ def run_ops(args: argparse.Namespace) -> None:
             families["norm"] = norm_cases(batch, args.seq)
         if args.family in ("gelu", "all"):
             families["gelu"] = gelu_cases(batch, args.seq)
+        if args.family in ("ffn", "all"):
+            families["ffn"] = ffn_cases(batch, args.seq)
         if args.family in ("attention", "all"):
             for mask in args.masks:
                 families[f"attention mask={mask}"] = attention_cases(batch, args.seq, mask)
@@ -391,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ops = sub.add_parser("ops", help="candidate fused ops on BERT-base shapes")
-    ops.add_argument("--family", choices=["norm", "gelu", "attention", "all"], default="all")
+    ops.add_argument("--family", choices=["norm", "gelu", "ffn", "attention", "all"], default="all")
     ops.add_argument("--masks", nargs="+", default=["none", "pad", "causal"])
     ops.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ops.add_argument("--seq", type=int, default=128)
