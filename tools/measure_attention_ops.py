@@ -375,9 +375,9 @@ def ffn_cases(batch: int, seq: int, hidden: int = 768, width: int = 3072) -> dic
     (``passes/fusion/stride.py``): the same outputs, the second GEMM reading rows of another length."""
     rng = np.random.default_rng(0)
     xi, xv = _x(batch, seq, hidden, rng)
-    w1 = rng.standard_normal((hidden, width)).astype(np.float32) / np.sqrt(hidden)
+    w1 = (rng.standard_normal((hidden, width)) / np.sqrt(hidden)).astype(np.float32)
     bias = rng.standard_normal(width).astype(np.float32)
-    w2 = rng.standard_normal((width, hidden)).astype(np.float32) / np.sqrt(width)
+    w2 = (rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32)
 
     def build(pad: int) -> onnx.ModelProto:
         g = G()
