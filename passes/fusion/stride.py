@@ -53,6 +53,9 @@ def _condition(ctx: MatchContext, w1: Value, w2: Value, b: Value | None = None) 
         return f"the inner width {width} is not a multiple of {ALIAS_FLOATS}: its rows do not alias"
     if b is not None and const_array(b).shape != (width,):
         return f"the bias has shape {list(const_array(b).shape)}, expected [{width}]"
+    shared = [v.name for v in (w1, b, w2) if v is not None and len(v.uses()) > 1]
+    if shared:  # layers sharing weights (ALBERT) would each get a padded copy
+        return f"{', '.join(shared)} also read elsewhere: padding would copy it"
     return True
 
 

@@ -56,6 +56,15 @@ def test_widths_whose_rows_do_not_alias_are_left_alone():
     assert "1536 is not a multiple of 1024" in why
 
 
+def test_weights_shared_by_two_layers_are_not_copied():
+    text = FFN.replace("y = MatMul(a, w2)", "m = MatMul(a, w2)\n    h2 = MatMul(m, w1)\n    a2 = Relu(h2)\n"
+                       "    y = MatMul(a2, w2)").replace("ACT", "a = Relu(h)")
+    proto = model_from(text.replace("float[N, 8, 24] y", "float[N, 8, 32] y"),
+                       {"w1": rand(32, 1024), "w2": rand(1024, 32)})
+    why = not_fired(proto, PadAliasedFfn, "pad-ffn-onnx-activation")
+    assert "also read elsewhere" in why
+
+
 def test_an_activation_read_elsewhere_is_not_widened():
     text = FFN.replace("=> (float[N, 8, 24] y)", "=> (float[N, 8, 24] y, float[N, 8, 1024] a)")
     proto = model_from(text.replace("ACT", "a = Relu(h)"), {"w1": rand(32, 1024), "w2": rand(1024, 24)})
