@@ -68,24 +68,25 @@ def _widened(value: Value) -> TensorType | None:
 
 
 def _rule(name: str, ops: frozenset[str], domain: str, with_bias: bool) -> Rule:
-    def target(op, a, w1, w2, b=None):
-        inner = op.MatMul(a, op.const("w1"), _name="mm1")
-        args = (inner, op.const("b")) if with_bias else (inner,)
-        return op.MatMul(op.Any(*args, _ops=ops, _domain=domain, _name="act"), op.const("w2"))
+    def activation(op, inner, *bias):
+        return op.Any(inner, *bias, _ops=ops, _domain=domain, _name="act")
 
-    def replacement(op, a, w1, w2, mm1, act, ctx, b=None):
+    def with_b(op, a, w1, w2, b):
+        return op.MatMul(activation(op, op.MatMul(a, op.const("w1"), _name="mm1"), op.const("b")), op.const("w2"))
+
+    def without_b(op, a, w1, w2):
+        return op.MatMul(activation(op, op.MatMul(a, op.const("w1"), _name="mm1")), op.const("w2"))
+
+    def replacement(op, a, w1, w2, mm1, act, ctx, b=None):  # the rewriter passes ``b`` only where bound
         first = op.MatMul(a, op.const(np.pad(const_array(w1), [(0, 0), (0, PAD)]), name=f"{w1.name}_padded"),
                           _type=_widened(mm1.outputs[0]))
-        args = [first] + ([op.const(np.pad(const_array(b), (0, PAD)), name=f"{b.name}_padded")] if with_bias else [])
-        hidden = getattr(op, act.op_type)(*args, _domain=domain, _type=_widened(act.outputs[0]), **copy_attrs(act))
+        bias = [] if b is None else [op.const(np.pad(const_array(b), (0, PAD)), name=f"{b.name}_padded")]
+        hidden = getattr(op, act.op_type)(first, *bias, _domain=domain, _type=_widened(act.outputs[0]),
+                                          **copy_attrs(act))
         second = op.const(np.pad(const_array(w2), [(0, PAD), (0, 0)]), name=f"{w2.name}_padded")
         return op.MatMul(hidden, second, _type=ctx.root.outputs[0])
 
-    if not with_bias:  # the pattern binds no ``b``: the functions must not ask for it
-        return Rule(name, lambda op, a, w1, w2: target(op, a, w1, w2),
-                    lambda op, a, w1, w2, mm1, act, ctx: replacement(op, a, w1, w2, mm1, act, ctx),
-                    lambda ctx, w1, w2: _condition(ctx, w1, w2))
-    return Rule(name, target, replacement, _condition)
+    return Rule(name, with_b if with_bias else without_b, replacement, _condition)
 
 
 PAD_FFN_RULES = RuleSet([

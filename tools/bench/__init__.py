@@ -4,7 +4,7 @@
   peak RSS; a tool that crashes or hangs costs one row, not the whole benchmark.
 - :mod:`.sessions`: onnxruntime CPU sessions made the same way everywhere (2 intra-op threads that do not
   spin, a named optimization level, offline saving of onnxruntime's own rewrite).
-- :mod:`.latency`: interleaved latency measurement (A B C A B C ...) with medians.
+- :mod:`.latency`: interleaved latency measurement (A B C, B C A, ..., each model warm in its round) with medians.
 - :mod:`.pairing`: the paired ratio of interleaved timings (standard library only, for the GPU side).
 - :mod:`.numerics`: reference outputs of the original and the comparison of a candidate with them.
 - :mod:`.stats`: node counts (top level and in subgraphs), file size including external data.
