@@ -77,6 +77,7 @@ def measure_interleaved(
             del live[name]
     blocks, round_s = {}, 0.0
     for name, call in live.items():
+        call()  # blocks are sized by a warm call: the first after another variant carries its switch-in cost
         start = time.perf_counter()
         call()
         took = time.perf_counter() - start
