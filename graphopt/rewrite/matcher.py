@@ -54,15 +54,15 @@ class Matcher:
         self.failure, self._depth = None, None
         for state in self._node(self.root, node, _State({}, {})):
             nodes = list(dict.fromkeys(state.nodes.values()))
-            problem = _escaping_intermediate(nodes, node) or self._unreplaced_root_output(node)
+            outputs = [state.nodes[id(o.node)].outputs[o.index] for o in self.outputs]
+            problem = _escaping_intermediate(nodes, node, outputs) or self._unreplaced_root_output(node)
             if problem is None:
-                outputs = [node.outputs[o.index] for o in self.outputs]
                 return Match(node, nodes, state.bindings, outputs)
             self._fail(problem, state, past_structure=True)
         return None
 
     def _unreplaced_root_output(self, node: Node) -> str | None:
-        covered = {o.index for o in self.outputs}
+        covered = {o.index for o in self.outputs if o.node is self.root}
         for i, out in enumerate(node.outputs):
             if i not in covered and (out.has_uses() or out.is_graph_output()):
                 return f"{node.label()}: output {out.name!r} is used but the pattern does not cover it"
@@ -180,13 +180,17 @@ def _check_node(pattern: NodePattern, node: Node) -> str | None:
     return None
 
 
-def _escaping_intermediate(nodes: list[Node], root: Node) -> str | None:
-    """Intermediate results must not be used outside the match (the rewrite removes them)."""
+def _escaping_intermediate(nodes: list[Node], root: Node, exposed: list[Value]) -> str | None:
+    """Intermediate results must not be used outside the match (the rewrite removes them), unless the
+    pattern exposes them (the replacement then gives their readers a new value)."""
     inside = {id(n) for n in nodes}
+    replaced = {id(v) for v in exposed}
     for node in nodes:
         if node is root:
             continue
         for out in node.outputs:
+            if id(out) in replaced:
+                continue
             if out.is_graph_output():
                 return f"{out.name!r} (from {node.label()}) is a graph output, so {node.label()} must stay"
             for user, _ in out.uses():

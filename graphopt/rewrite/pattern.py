@@ -4,7 +4,9 @@
         return op.Mul(x, op.Sigmoid(x), _commute=True)
 
 Calling the function with a :class:`PatternBuilder` and one :class:`Var` per
-parameter after ``op`` gives the pattern tree rooted at the Mul. Attributes are
+parameter after ``op`` gives the pattern tree rooted at the Mul (the first value
+returned). Returning more values exposes inner results too: their readers outside
+the match then read what the replacement returns for them. Attributes are
 constraints (a value to equal, or a predicate); ``_commute`` lets a two-input
 op match its inputs in either order; :meth:`PatternBuilder.const` matches a
 constant (an initializer) with an optional predicate on its array;
@@ -133,7 +135,24 @@ def build_pattern(target: Callable[..., Any]) -> tuple[list[Out], list[str]]:
     outputs = list(result) if isinstance(result, tuple) else [result]
     if not outputs or not all(isinstance(o, Out) for o in outputs):
         raise TypeError(f"pattern {target.__name__} must return node outputs built with op.<OpType>(...)")
-    roots = {id(o.node) for o in outputs}
-    if len(roots) != 1:
-        raise TypeError(f"pattern {target.__name__}: all outputs must come from one root node")
+    inside = _pattern_nodes(outputs[0].node)
+    stray = [o for o in outputs if id(o.node) not in inside]
+    if stray:
+        raise TypeError(f"pattern {target.__name__}: output {stray[0]!r} is not computed inside the pattern rooted "
+                        f"at {outputs[0].node!r}")
     return outputs, params
+
+
+def _pattern_nodes(root: NodePattern) -> set[int]:
+    """ids of the node patterns reachable from ``root`` through its inputs."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in node.inputs:
+            value = value.inner if isinstance(value, Opt) else value
+            if isinstance(value, Out):
+                stack.append(value.node)
+    return seen

@@ -178,6 +178,10 @@ class Rule:
         for domain, version in builder.domains.items():
             ctx.model.opset_imports.setdefault(domain, version)
         fresh = {id(o) for n in builder.nodes for o in n.outputs}
+        matched = {id(n) for n in match.nodes}
+        # an exposed inner value's readers may sit before the root, where the new nodes went in
+        reorder = any(id(user) not in matched for old in match.outputs if old.producer is not match.root
+                      for user in old.users())
         renames = []
         for old, new in zip(match.outputs, new_values, strict=True):
             if old.is_graph_output():
@@ -188,6 +192,8 @@ class Rule:
         _erase_dead(graph, match.nodes)
         for new, name, type_ in renames:
             new.name, new.type = name, type_ or new.type
+        if reorder:
+            graph.toposort()
 
     def _check(self, builder: ReplacementBuilder, values: list[Any], match: Match) -> None:
         if len(values) != len(match.outputs):

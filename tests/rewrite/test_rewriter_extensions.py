@@ -1,5 +1,5 @@
 """Rewriter features the fusions asked for: typed replacement outputs, conditions that hand extra bindings
-to the replacement, and explain reporting the nearest miss."""
+to the replacement, explain reporting the nearest miss, and patterns exposing an inner value."""
 
 from __future__ import annotations
 
@@ -138,3 +138,50 @@ def test_explain_reports_the_nearest_miss_of_a_commutative_pattern():
                 lambda op, x, w, b: op.Gemm(x, w, b))
     (why,) = RuleSet([rule]).explain(model, "matmul-bias")
     assert why.reason == "input 1 of <unnamed Add -> y>: expected a constant, got 'z' (computed or a graph input)"
+
+
+EXPOSED = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 8] x) => (float[2, 8] y, int64[1] n) {
+    h = Relu(x)
+    s = Shape <end = 1> (h)
+    n = Add(s, s)
+    y = Neg(h)
+}
+"""
+
+
+def _neg_relu(expose: bool) -> Rule:
+    """Neg(Relu(x)) -> Min(Neg(x), 0); exposing the Relu hands its other readers a Max(x, 0)."""
+
+    def target(op, x):
+        hidden = op.Relu(x)
+        return (op.Neg(hidden), hidden) if expose else op.Neg(hidden)
+
+    def replacement(op, x):
+        zero = op.const(np.float32(0))
+        negated = op.Min(op.Neg(x), zero)
+        return (negated, op.Max(x, zero)) if expose else negated
+
+    return Rule("neg-relu", target, replacement)
+
+
+def test_an_exposed_inner_value_hands_its_other_readers_the_replacement():
+    model = load(EXPOSED)
+    (why,) = RuleSet([_neg_relu(expose=False)]).explain(model, "neg-relu")
+    assert "is also used by" in why.reason and "Shape" in why.reason
+
+    assert RuleSet([_neg_relu(expose=True)]).apply(model) == {"neg-relu": 1}
+    (shape,) = [n for n in model.graph if n.op_type == "Shape"]
+    assert shape.inputs[0].producer.op_type == "Max"  # its reader moved; the Relu is gone
+    assert "Relu" not in [n.op_type for n in model.graph]
+    verify(model)  # the Shape sat before the root, where the new nodes went in: the graph was reordered
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    y, n = run(graphopt.to_bytes(model), {"x": x})
+    np.testing.assert_array_equal(y, -np.maximum(x, 0))
+    np.testing.assert_array_equal(n, [4])
+
+
+def test_a_pattern_can_expose_only_values_computed_inside_it():
+    with pytest.raises(TypeError, match="is not computed inside the pattern"):
+        Rule("stray", lambda op, x, y: (op.Neg(x), op.Relu(y)), lambda op, x, y: (x, y))
