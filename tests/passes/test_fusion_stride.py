@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 import graphopt
 from graphopt.passes.fusion.stride import PAD, PadAliasedFfn
 from graphopt.verify import verify_models
-from tests.passes.test_fusion_support import assert_same_outputs, model_from, not_fired, ops, optimized, rand
+from tests.passes.test_fusion_support import assert_same_outputs, model_from, not_fired, ops, optimized, rand, reason
 
 FFN = """
 <ir_version: 8, opset_import: ["" : 20, "com.microsoft" : 1]>
@@ -73,6 +76,94 @@ def test_an_activation_read_elsewhere_is_not_widened():
     assert all(n.inputs[1].const.shape[-1] in (1024, 24) for n in model.graph if n.op_type == "MatMul")
 
 
+GEMM_FFN = """
+<ir_version: 8, opset_import: ["" : 20, "com.microsoft" : 1]>
+g (float[N, 32] x) => (float[N, 24] y) {
+    h = Gemm <transB = TRANSB> (x, w1, c1)
+    a = com.microsoft.FastGelu(h)
+    y = Gemm <transB = TRANSB> (a, w2, c2)
+}
+"""
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_ffn_is_padded_along_either_weight_layout(trans_b):
+    w1, w2 = rand(32, 1024, seed=1), rand(1024, 24, seed=2, low=-0.1, high=0.1)
+    weights = {"w1": w1.T if trans_b else w1, "w2": w2.T if trans_b else w2, "c1": rand(1024, seed=3),
+               "c2": rand(24, seed=4)}
+    proto = model_from(GEMM_FFN.replace("TRANSB", str(trans_b)), weights)
+    model = optimized(proto, ["pad-aliased-ffn"])
+    first, second = (n for n in model.graph if n.op_type == "Gemm")
+    wide = 1024 + PAD
+    assert first.inputs[1].const.shape == ((wide, 32) if trans_b else (32, wide))
+    assert first.inputs[2].const.shape == (wide,) and second.inputs[1].const.shape == ((24, wide) if trans_b
+                                                                                       else (wide, 24))
+    assert second.inputs[2].name == "c2"  # the output's bias is not touched
+    assert_same_outputs(proto, model, {"x": rand(5, 32, seed=5)})
+
+
+# GPT-2's TorchScript FFN: 2-D Gemms around a 3-D activation, whose leading dims a Shape reads for the output
+RESHAPED_FFN = """
+<ir_version: 8, opset_import: ["" : 20, "com.microsoft" : 1]>
+g (float[N, S, 32] x) => (float[N, S, 24] y, int64[K] k) {
+    x2 = Reshape(x, flat)
+    h = Gemm(x2, w1, c1)
+    lead = Shape <end = 2> (x)
+    s1 = Concat <axis = 0> (lead, width)
+    h3 = Reshape(h, s1)
+    a = com.microsoft.FastGelu(h3)
+    a2 = Reshape(a, back)
+    o = Gemm(a2, w2, c2)
+    lead2 = Shape <end = END> (a)
+    s2 = Concat <axis = 0> (lead2, out)
+    y = Reshape(o, s2)
+    k = Shape <K_RANGE> (a)
+}
+"""
+
+
+def _reshaped_ffn(end: int, k_range: str):
+    weights = {"w1": rand(32, 1024, seed=1), "c1": rand(1024, seed=2), "w2": rand(1024, 24, seed=3, low=-0.1,
+               high=0.1), "c2": rand(24, seed=4), "flat": np.array([-1, 32]), "width": np.array([1024]),
+               "back": np.array([-1, 1024]), "out": np.array([24])}
+    return model_from(RESHAPED_FFN.replace("END", str(end)).replace("K_RANGE", k_range), weights)
+
+
+@pytest.mark.parametrize("end", [2, -1])
+def test_ffn_reshaped_around_its_activation_is_padded_through_the_reshapes(end):
+    proto = _reshaped_ffn(end, "end = 1")
+    model = optimized(proto, ["infer-shapes", "pad-aliased-ffn"])
+    assert [n.inputs[1].const.shape for n in model.graph if n.op_type == "Gemm"] == [(32, 1024 + PAD),
+                                                                                     (1024 + PAD, 24)]
+    (gelu,) = [n for n in model.graph if n.op_type == "FastGelu"]
+    assert sorted(u.op_type for u in gelu.outputs[0].users()) == ["Reshape", "Shape", "Shape"]  # moved over
+    assert_same_outputs(proto, model, {"x": rand(2, 5, 32, seed=5)})
+
+
+def test_a_shape_read_of_the_activations_last_axis_keeps_the_ffn():
+    proto = _reshaped_ffn(2, "start = 2")  # k = the inner width, which padding would change
+    model = optimized(proto, ["infer-shapes"])
+    assert PadAliasedFfn.rules.apply(model) == {}
+    assert "reads the activation's last axis" in reason(model, PadAliasedFfn, "pad-ffn-gelu-reshaped")
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_exported_gpt2_ffns_are_padded_and_match(zoo, tmp_path, exporter):
+    """A 1-layer GPT-2 of the zoo's size with a 1024-wide FFN, as each exporter writes it (TorchScript:
+    Gemm, Reshape, FastGelu, Reshape, Gemm and a Shape; dynamo: Gemm, FastGelu, Gemm)."""
+    base = zoo.MODELS[f"gpt2_{exporter}"]
+    spec = dataclasses.replace(base, name=f"{base.name}_ffn1024",
+                               config={**base.config, "hf": {**base.config["hf"], "n_inner": 1024, "n_layer": 1}})
+    path = tmp_path / "gpt2.onnx"
+    spec.builder(spec, path)
+    model = graphopt.load(path)
+    graphopt.optimize(model)
+    assert [n.inputs[1].const.shape for n in model.graph if n.op_type == "Gemm"][-1] == (1024 + PAD, 64)
+    for second in (False, True):
+        report = verify_models(str(path), graphopt.to_bytes(model), inputs=zoo.make_inputs(spec, second=second))
+        assert report.ok, report.summary()
+
+
 @pytest.mark.slow
 def test_bert_base_ffns_are_padded_by_the_default_pipeline(zoo):
     path = zoo.build("bert_base_torchscript")
@@ -83,4 +174,15 @@ def test_bert_base_ffns_are_padded_by_the_default_pipeline(zoo):
     assert len(padded) == 12  # every layer's second projection
     feeds = zoo.make_inputs(zoo.MODELS["bert_base_torchscript"])
     report = verify_models(str(path), graphopt.to_bytes(model), inputs=feeds)
+    assert report.ok, report.summary()
+
+
+@pytest.mark.slow
+def test_gpt2_base_ffns_are_padded_by_the_default_pipeline(zoo):
+    path = zoo.build("gpt2_base_torchscript")
+    model = graphopt.load(path)
+    graphopt.optimize(model)
+    padded = [n for n in model.graph if n.op_type == "Gemm" and n.inputs[1].const.shape == (3072 + PAD, 768)]
+    assert len(padded) == 12
+    report = verify_models(str(path), graphopt.to_bytes(model), inputs=zoo.make_inputs(zoo.MODELS["gpt2_base_torchscript"]))
     assert report.ok, report.summary()
