@@ -184,5 +184,6 @@ def test_gpt2_base_ffns_are_padded_by_the_default_pipeline(zoo):
     graphopt.optimize(model)
     padded = [n for n in model.graph if n.op_type == "Gemm" and n.inputs[1].const.shape == (3072 + PAD, 768)]
     assert len(padded) == 12
-    report = verify_models(str(path), graphopt.to_bytes(model), inputs=zoo.make_inputs(zoo.MODELS["gpt2_base_torchscript"]))
+    feeds = zoo.make_inputs(zoo.MODELS["gpt2_base_torchscript"])
+    report = verify_models(str(path), graphopt.to_bytes(model), inputs=feeds)
     assert report.ok, report.summary()
