@@ -4,7 +4,8 @@ The fusion passes in ``passes/fusion/{norm,gelu,attention}.py`` pick their targe
 numbers: one small graph per candidate form of the same computation (LayerNorm, RMSNorm, GELU,
 SiLU, multi-head attention with its projections, QKV merging, the FFN's inner width padded off 4 KiB
 rows), at BERT-base shapes, each run in
-onnxruntime at the given optimization levels, all variants interleaved (A B C A B C ...), medians.
+onnxruntime at the given optimization levels, all variants interleaved with ``tools/bench``'s loop (order
+rotated each round, each variant timed warm in a block of back-to-back calls), paired medians.
 End-to-end model latency (original, peers, graphopt) is ``tools/bench_fusion.py``'s job.
 
     python tools/measure_attention_ops.py ops --family attention --batch 1 8 --runs 30
@@ -17,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 if __package__ in (None, ""):  # run as a script: make `tools` and `graphopt` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.bench.latency import LatencyStats, measure_interleaved  # noqa: E402
+from tools.bench.pairing import paired_ratio  # noqa: E402
 
 log = logging.getLogger("measure_attention_ops")
 
@@ -55,27 +57,6 @@ def session(model: onnx.ModelProto | str, level: str, threads: int = 2) -> ort.I
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
-def interleaved(calls: Mapping[str, Callable[[], object]], runs: int, warmup: int
-                ) -> dict[str, list[tuple[float, float]]]:
-    """(wall ms, CPU ms) per variant and round; every round calls each variant once.
-
-    The order rotates from round to round, so no variant always runs right after the same neighbour.
-    CPU time (all threads of this process) is reported next to wall time because this machine is
-    shared: other processes stretch wall time by 2x and more, CPU time much less.
-    """
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    names = list(calls)
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-    for r in range(runs):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            wall, cpu = time.perf_counter(), time.process_time()
-            calls[name]()
-            samples[name].append(((time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3))
-    return samples
-
-
 @dataclass
 class Timing:
     """Medians over rounds: wall ms, CPU ms, and the ratios to the baseline measured in the same round
@@ -88,15 +69,14 @@ class Timing:
     wall_min_ms: float  # the fastest run: the least disturbed by other processes
 
 
-def summarize(samples: Mapping[str, list[tuple[float, float]]], baseline: str) -> dict[str, Timing]:
-    base = samples[baseline]
-    out = {}
-    for name, s in samples.items():
-        wall = statistics.median(a[0] / b[0] for a, b in zip(s, base, strict=True))
-        cpu = statistics.median(a[1] / max(b[1], 1e-9) for a, b in zip(s, base, strict=True))
-        out[name] = Timing(statistics.median(x[0] for x in s), statistics.median(x[1] for x in s), wall, cpu,
-                           min(x[0] for x in s))
-    return out
+def summarize(stats: Mapping[str, LatencyStats], baseline: str) -> dict[str, Timing]:
+    failed = {name: st.error for name, st in stats.items() if st.error}
+    if failed:
+        raise RuntimeError(f"variants failed: {failed}")
+    base = stats[baseline]
+    return {name: Timing(st.median_ms, st.cpu_median_ms, paired_ratio(st.samples_ms, base.samples_ms),
+                         paired_ratio(st.cpu_samples_ms, base.cpu_samples_ms), st.min_ms)
+            for name, st in stats.items()}
 
 
 def measure_cases(cases: Mapping[str, Case], levels: list[str], runs: int, warmup: int,
@@ -116,7 +96,7 @@ def measure_cases(cases: Mapping[str, Case], levels: list[str], runs: int, warmu
                 reference = got
             elif reference is not None:
                 log.info("%s: max |diff| vs %s = %.2e", name, check, float(np.abs(got - reference).max()))
-    samples = interleaved(calls, runs, warmup)
+    samples = measure_interleaved(calls, runs=runs, warmup=warmup)  # rotated rounds, warm blocks
     first = next(iter(cases))
     table: dict[str, dict[str, Timing]] = {}
     for level in levels:

@@ -3,10 +3,11 @@
 For every candidate op, a chain of ``--depth`` copies at a typical CNN/transformer size is built twice:
 fp32 (``x -> op -> op ...``) and QDQ (``x -> Q -> DQ -> op -> Q -> DQ -> op ...``, uint8 activations, int8
 per-channel weights, int32 bias), each run in onnxruntime (ORT_ENABLE_ALL, 2 intra-op threads, no spinning),
-interleaved, medians. The QDQ graph that onnxruntime optimized is saved and read back: an op counts as
-*fused* when no float version of it is left (its QDQ group became an int8 kernel: QLinearConv, QGemm,
-QLinearAdd, an int8 MaxPool, ...). ``speedup`` = fp32 median / int8 median. Dynamic quantization forms of
-MatMul (DynamicQuantizeMatMul vs DynamicQuantizeLinear + MatMulInteger) are measured the same way.
+interleaved (rotated rounds, warm blocks), medians. The QDQ graph that onnxruntime optimized is saved and
+read back: an op counts as *fused* when no float version of it is left (its QDQ group became an int8 kernel:
+QLinearConv, QGemm, QLinearAdd, an int8 MaxPool, ...). ``speedup`` = fp32 median / int8 median. Dynamic
+quantization forms of MatMul (DynamicQuantizeMatMul vs DynamicQuantizeLinear + MatMulInteger) are measured
+the same way.
 
     python tools/measure_int8_ops.py                 # writes passes/quant/int8_ops.json
     python tools/measure_int8_ops.py --runs 50 --out /tmp/ops.json
@@ -20,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+if __package__ in (None, ""):  # run as a script: make `tools` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.bench.latency import measure_interleaved  # noqa: E402
 
 F, U8, I8 = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT8
 OUT = Path(__file__).resolve().parents[1] / "passes" / "quant" / "int8_ops.json"
@@ -221,17 +225,14 @@ def session(model: onnx.ModelProto, optimized_path: str | None = None) -> ort.In
 
 
 def time_interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict, runs: int) -> dict[str, float]:
-    """Median ms per session; the sessions alternate run by run so drift hits all of them alike."""
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for sess in sessions.values():
-        for _ in range(3):
-            sess.run(None, feeds)
-    for _ in range(runs):
-        for name, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median ms per session, timed with ``tools/bench``'s loop (rotated rounds, warm blocks), so drift hits
+    all sessions alike."""
+    stats = measure_interleaved({k: (lambda s=sess: s.run(None, feeds)) for k, sess in sessions.items()},
+                                runs=runs, warmup=3)
+    failed = {name: st.error for name, st in stats.items() if st.error}
+    if failed:
+        raise RuntimeError(f"sessions failed: {failed}")
+    return {name: st.median_ms for name, st in stats.items()}
 
 
 def float_ops_left(model: onnx.ModelProto, op_type: str) -> list[str]:
