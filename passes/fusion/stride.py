@@ -16,8 +16,8 @@ rows (6 KiB) do not alias. BERT-base's whole FFN (MatMul, BiasGelu, MatMul; ``py
 tools/measure_attention_ops.py ops --family ffn``) ran 0.83x at batch 1 and 0.89x at batch 8 padded by 16
 with one call per round, 0.96x at both timed warm (back-to-back calls, its 19 MB of weights partly in L3),
 with bit-identical outputs. Inside GPT-2-base (12 layers, weights streamed from memory) the second GEMM
-went from 43.2 to 35.8 ms per batch-1 run (onnxruntime's profiler). The rule pads the FFN's inner width where it is produced: 16 zero columns in
-the first projection's weight (and zeros in its bias), so the activation between the two projections has
+went from 43.2 to 35.8 ms per batch-1 run (onnxruntime's profiler). The rule pads the FFN's inner width
+where it is produced: 16 zero columns in the first projection's weight (and zeros in its bias), so the activation between the two projections has
 16 columns of ``act(0)``, and 16 zero rows in the second projection's weight, which keep them out of the
 result. The model stays standard ONNX with the same outputs (exactly: the extra terms are products with
 zero), 0.5 % larger in the FFN weights.
