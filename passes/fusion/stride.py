@@ -19,8 +19,8 @@ with bit-identical outputs. Inside GPT-2-base (12 layers, weights streamed from 
 went from 43.2 to 35.8 ms per batch-1 run (onnxruntime's profiler). The rule pads the FFN's inner width
 where it is produced: 16 zero columns in the first projection's weight (and zeros in its bias), so the
 activation between the two projections has 16 columns of ``act(0)``, and 16 zero rows in the second
-projection's weight, which keep them out of the result. The model stays standard ONNX with the same outputs (exactly: the extra terms are products with
-zero), 0.5 % larger in the FFN weights.
+projection's weight, which keep them out of the result. The model stays standard ONNX with the same
+outputs (exactly: the extra terms are products with zero), 0.5 % larger in the FFN weights.
 
 Pass ``pad-aliased-ffn`` (level "fuse"): ``P2(act(P1(a, W1 [, c1]) [, b]), W2 [, c2])`` with ``P1``/``P2`` each
 a MatMul or a Gemm with constant float32 2-D weights, ``W1``'s output columns = ``W2``'s rows a multiple of
