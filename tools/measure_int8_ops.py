@@ -12,8 +12,9 @@ the same way.
     python tools/measure_int8_ops.py                 # writes passes/quant/int8_ops.json
     python tools/measure_int8_ops.py --runs 50 --out /tmp/ops.json
 
-``graphopt.passes.quant`` reads the JSON: static mode quantizes by default only the op kinds that were
-fused and ran at least ``PAYS`` times faster than fp32.
+``graphopt.passes.quant`` reads the JSON (``passes/quant/optable.py``): static mode quantizes by default the
+op kinds that were fused, and its latency check gives up first the kinds whose ``speedup`` was lowest.
+``pays`` (at least ``PAYS`` times faster alone) is recorded for reading; alone is not in context.
 """
 
 from __future__ import annotations
