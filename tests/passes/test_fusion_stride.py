@@ -165,25 +165,14 @@ def test_exported_gpt2_ffns_are_padded_and_match(zoo, tmp_path, exporter):
 
 
 @pytest.mark.slow
-def test_bert_base_ffns_are_padded_by_the_default_pipeline(zoo):
-    path = zoo.build("bert_base_torchscript")
+@pytest.mark.parametrize(("name", "projection"), [("bert_base_torchscript", "MatMul"),
+                                                  ("gpt2_base_torchscript", "Gemm")])
+def test_base_size_ffns_are_padded_by_the_default_pipeline(zoo, name, projection):
+    path = zoo.build(name)
     model = graphopt.load(path)
     graphopt.optimize(model)
-    padded = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const is not None
+    padded = [n for n in model.graph if n.op_type == projection and n.inputs[1].const is not None
               and n.inputs[1].const.shape[0] == 3072 + PAD]
     assert len(padded) == 12  # every layer's second projection
-    feeds = zoo.make_inputs(zoo.MODELS["bert_base_torchscript"])
-    report = verify_models(str(path), graphopt.to_bytes(model), inputs=feeds)
-    assert report.ok, report.summary()
-
-
-@pytest.mark.slow
-def test_gpt2_base_ffns_are_padded_by_the_default_pipeline(zoo):
-    path = zoo.build("gpt2_base_torchscript")
-    model = graphopt.load(path)
-    graphopt.optimize(model)
-    padded = [n for n in model.graph if n.op_type == "Gemm" and n.inputs[1].const.shape == (3072 + PAD, 768)]
-    assert len(padded) == 12
-    feeds = zoo.make_inputs(zoo.MODELS["gpt2_base_torchscript"])
-    report = verify_models(str(path), graphopt.to_bytes(model), inputs=feeds)
+    report = verify_models(str(path), graphopt.to_bytes(model), inputs=zoo.make_inputs(zoo.MODELS[name]))
     assert report.ok, report.summary()
