@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from tools.bench.latency import measure_interleaved
+import pytest
+
+from tools.bench.latency import measure_interleaved, raise_failures
 from tools.bench.pairing import paired_ratio
 
 
@@ -51,3 +53,13 @@ def test_a_round_times_a_warm_block_not_the_call_after_a_switch():
                                 runs=5, warmup=1, block_ms=20.0)
     assert stats["fast"].median_ms < 2.0  # the 4 ms switch-in call is neither the sample nor sizes the block
     assert 30.0 <= stats["slow"].median_ms < 45.0  # slower than a block: one call per round
+
+
+def test_tools_that_need_every_variant_raise_the_recorded_failure():
+    def broken() -> None:
+        raise ValueError("no kernel")
+
+    stats = measure_interleaved({"ok": lambda: None, "broken": broken}, runs=2, warmup=1)
+    raise_failures({"ok": stats["ok"]})  # nothing failed: no error
+    with pytest.raises(RuntimeError, match="broken.*ValueError: no kernel"):
+        raise_failures(stats)

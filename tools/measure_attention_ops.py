@@ -3,9 +3,9 @@
 The fusion passes in ``passes/fusion/{norm,gelu,attention}.py`` pick their target ops from these
 numbers: one small graph per candidate form of the same computation (LayerNorm, RMSNorm, GELU,
 SiLU, multi-head attention with its projections, QKV merging, the FFN's inner width padded off 4 KiB
-rows), at BERT-base shapes, each run in
-onnxruntime at the given optimization levels, all variants interleaved with ``tools/bench``'s loop (order
-rotated each round, each variant timed warm in a block of back-to-back calls), paired medians.
+rows), at BERT-base shapes, each run in onnxruntime at the given optimization levels, all variants
+interleaved with ``tools/bench``'s loop (order rotated each round, each variant timed warm in a block of
+back-to-back calls), paired medians.
 End-to-end model latency (original, peers, graphopt) is ``tools/bench_fusion.py``'s job.
 
     python tools/measure_attention_ops.py ops --family attention --batch 1 8 --runs 30
@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 if __package__ in (None, ""):  # run as a script: make `tools` and `graphopt` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.bench.latency import LatencyStats, measure_interleaved  # noqa: E402
+from tools.bench.latency import LatencyStats, measure_interleaved, raise_failures  # noqa: E402
 from tools.bench.pairing import paired_ratio  # noqa: E402
 
 log = logging.getLogger("measure_attention_ops")
@@ -70,9 +70,7 @@ class Timing:
 
 
 def summarize(stats: Mapping[str, LatencyStats], baseline: str) -> dict[str, Timing]:
-    failed = {name: st.error for name, st in stats.items() if st.error}
-    if failed:
-        raise RuntimeError(f"variants failed: {failed}")
+    raise_failures(stats)
     base = stats[baseline]
     return {name: Timing(st.median_ms, st.cpu_median_ms, paired_ratio(st.samples_ms, base.samples_ms),
                          paired_ratio(st.cpu_samples_ms, base.cpu_samples_ms), st.min_ms)

@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 if __package__ in (None, ""):  # run as a script: make `tools` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.bench.latency import measure_interleaved  # noqa: E402
+from tools.bench.latency import measure_interleaved, raise_failures  # noqa: E402
 
 F, U8, I8 = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT8
 OUT = Path(__file__).resolve().parents[1] / "passes" / "quant" / "int8_ops.json"
@@ -230,9 +230,7 @@ def time_interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict, run
     all sessions alike."""
     stats = measure_interleaved({k: (lambda s=sess: s.run(None, feeds)) for k, sess in sessions.items()},
                                 runs=runs, warmup=3)
-    failed = {name: st.error for name, st in stats.items() if st.error}
-    if failed:
-        raise RuntimeError(f"sessions failed: {failed}")
+    raise_failures(stats)
     return {name: st.median_ms for name, st in stats.items()}
 
 

@@ -107,6 +107,13 @@ def measure_interleaved(
     return results
 
 
+def raise_failures(stats: Mapping[str, LatencyStats]) -> None:
+    """For measuring tools where every variant must run: raise the errors :func:`measure_interleaved` recorded."""
+    failed = {name: st.error for name, st in stats.items() if st.error}
+    if failed:
+        raise RuntimeError(f"variants failed: {failed}")
+
+
 def _block(call: Callable[[], object], count: int) -> tuple[float, float]:
     """(wall ms, process CPU ms) of one call: the median over ``count`` back-to-back calls, the first of
     them untimed when there are more."""
