@@ -31,9 +31,10 @@ import graphopt
 from graphopt.pipeline import PassContext, get_pass
 
 from .apply import apply_removal, kept_indices
+from .branches import drop_branches
 from .cost import model_cost
 from .groups import Analysis, ChannelGroup, analyze
-from .plan import Plan, allowed_counts, removed_counts
+from .plan import Plan, group_steps, removed_counts
 from .probe import ShapeTable
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def allocate_latency(analysis: Analysis, groups: list[ChannelGroup], target: flo
     """Counts keeping at most ``target`` of the MACs, chosen by measured time per MAC (module docstring)."""
     total = model_cost(analysis, {})[0]
     budget = target * total
-    steps = {g.id: allowed_counts(g.n, round_to, g.width(g.primary_dim(analysis)), set_size) for g in groups}
+    steps = group_steps(analysis, groups, round_to, set_size)
 
     def macs(keep: Keep) -> float:
         return model_cost(analysis, removed_counts(analysis, keep))[0]
@@ -88,7 +89,9 @@ def pruned_copy(proto: onnx.ModelProto, shapes: ShapeTable, protect: Sequence[st
     model = graphopt.load(proto)
     analysis = analyze(model, shapes, protect)
     removal = {g.id: np.arange(g.n - keep[g.id]) for g in analysis.groups if keep.get(g.id, g.n) < g.n}
-    apply_removal(analysis, kept_indices(analysis, removal))
+    kept = kept_indices(analysis, removal)
+    apply_removal(analysis, kept)
+    drop_branches(model, analysis, [g for g in analysis.groups if keep.get(g.id) == 0], kept)
     for name in ("eliminate-dead-nodes", "remove-unused-initializers"):
         get_pass(name).run(model, PassContext())
     return graphopt.to_bytes(model)

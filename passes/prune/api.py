@@ -27,11 +27,12 @@ from graphopt.verify.runtime import LoadedModel, open_session, run_session
 
 from .allocate import allocate_latency, onnxruntime_measure
 from .apply import apply_removal, kept_indices
+from .branches import consumer_means, drop_branches
 from .calib import CalibSource, activation_stats, batches, load_calibration, run_exposed
 from .cost import group_cost, model_cost
 from .groups import Analysis, analyze, default_protected
 from .importance import CRITERIA, importance
-from .plan import FILTER_SET, choose, cpu_block, fill_budget, plan_flops, plan_ratio
+from .plan import FILTER_SET, choose, cpu_block, drop_branches_to_fit, fill_budget, plan_flops, plan_ratio
 from .probe import ShapeTable, probe_inputs, probe_shapes
 from .reconstruct import reconstruct
 from .renorm import BN_STATS
@@ -115,6 +116,7 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
         plan = plan_flops(analysis, prunable, config.flops, round_to, config.max_ratio, set_size)
         if config.latency:
             plan = fill_budget(analysis, prunable, plan, config.flops, round_to, set_size)
+            plan = drop_branches_to_fit(analysis, prunable, plan, config.flops, round_to, set_size)
         target = f"keep {100 * config.flops:g}% of MACs"
     if latency:
         target += f", counts in blocks of {round_to} (sets of {set_size} above {set_size})"
@@ -129,7 +131,10 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
     rows = _rows(analysis, removal, removed)
     macs0, params0 = model_cost(analysis, {})
     macs1, params1 = model_cost(analysis, removed)
+    whole = [g for g in prunable if plan.keep[g.id] == 0]
+    means = consumer_means(analysis, whole, original, feeds) if whole and feeds else None
     apply_removal(analysis, kept)
+    constants = drop_branches(model, analysis, whole, kept, means)
     do_refit = config.reconstruct if config.reconstruct is not None else bool(feeds)
     renorm = None if config.bn_stats == "off" or not feeds else config.bn_stats
     refits, renorms = [], []
@@ -141,6 +146,10 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
     report = PruneReport(macs0, macs1, params0, params1, plan.ratio, target, config.criterion, rows, refits,
                          bool(refits), len(samples), renorms=renorms,
                          uniform=config.allocate == "uniform")
+    if constants:
+        source = "their mean output on the calibration data" if means else "their biases"
+        report.notes.append(f"whole residual branches removed (groups {', '.join(str(g.id) for g in whole)}): "
+                            f"{', '.join(constants)} became constants ({source})")
     if config.flops is not None and macs1 > config.flops * macs0 * 1.001:
         report.notes.append(f"FLOPs target not reached: blocked groups keep {100 * macs1 / macs0:.1f}% of the MACs")
     if config.verify:
@@ -173,7 +182,7 @@ def _rows(analysis: Analysis, removal: Mapping[int, np.ndarray], removed: Mappin
         macs0, params0 = group_cost(analysis, group.dims, {})
         macs1, params1 = group_cost(analysis, group.dims, removed)
         dropped = len(removal.get(group.id, ()))
-        status = "blocked" if group.blocked else ("pruned" if dropped else "kept")
+        status = "blocked" if group.blocked else ("removed" if dropped == group.n else "pruned" if dropped else "kept")
         rows.append(GroupReport(group.id, group.name, status, group.n, group.n - dropped,
                                 group.width(group.primary_dim(analysis)), macs0, macs1, params0, params1,
                                 group.producers + [c for c in group.consumers if c not in group.producers],

@@ -68,10 +68,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--round", type=int, default=1, metavar="N", help="round kept channel counts down to a multiple")
     p.add_argument("--latency", action="store_true",
                    help="channel counts for onnxruntime's CPU conv kernels: whole NCHWc blocks (--round, default 8 "
-                        "on AVX2, 16 on AVX-512) and, above 4 blocks, whole sets of 4 blocks")
+                        "on AVX2, 16 on AVX-512) and, above 4 blocks, whole sets of 4 blocks; where whole blocks "
+                        "cannot meet --flops, whole residual branches go too")
     p.add_argument("--allocate", choices=("uniform", "latency"), default="uniform",
                    help="with --flops: one ratio for every group (uniform), or per-group --latency counts chosen by "
-                        "timing pruned copies in onnxruntime on this machine, most time saved per MAC first "
+                        "timing pruned copies in onnxruntime on this machine, most time saved per MAC first, "
+                        "removing a whole residual branch being one of the steps "
                         "(latency; takes ~10-30 s on a small CNN)")
     p.add_argument("--protect", metavar="NODE,...", help="node names whose output channels stay (besides the "
                                                          "first conv and the output layers)")

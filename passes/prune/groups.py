@@ -67,6 +67,7 @@ class ChannelGroup:
     blocked: list[tuple[str, str]] = field(default_factory=list)
     producers: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
+    branch: bool = False  # all of it may go, with the residual branch it lies in (branches.py)
 
     @property
     def prunable(self) -> bool:
@@ -272,9 +273,14 @@ def analyze(model: Model, shapes: ShapeTable, protect: Iterable[str] = ()) -> An
     a, b = walker.edges()
     labels = components(walker.next, a, b)
     groups = _groups(walker, labels)
-    log.info("channel analysis: %d dims, %d groups (%d prunable)", len(walker.dims), len(groups),
-             sum(g.prunable for g in groups))
-    return Analysis(model, shapes, walker.dims, groups, walker.blocked, walker.fixups, walker.coupling)
+    analysis = Analysis(model, shapes, walker.dims, groups, walker.blocked, walker.fixups, walker.coupling)
+    from .branches import branch_problem  # branches reads an Analysis
+
+    for group in groups:
+        group.branch = branch_problem(analysis, group) is None
+    log.info("channel analysis: %d dims, %d groups (%d prunable, %d whole branches)", len(walker.dims), len(groups),
+             sum(g.prunable for g in groups), sum(g.branch for g in groups))
+    return analysis
 
 
 def _groups(walker: _Walker, labels: np.ndarray) -> list[ChannelGroup]:

@@ -17,6 +17,7 @@ cost nearly what 64 do. Measured on the small ResNet at batch 1: counts
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -91,8 +92,8 @@ def plan_flops(analysis: Analysis, groups: list[ChannelGroup], target: float, ro
     budget = target * total
     best = plan_ratio(analysis, groups, max_ratio, round_to, set_size)
     if best.macs > budget:
-        log.warning("FLOPs target %.2f not reachable: at ratio %.2f %.1f%% of the MACs remain", target, max_ratio,
-                    100 * best.macs / max(total, 1))
+        log.info("a uniform ratio cannot reach %.2f of the MACs: at ratio %.2f %.1f%% remain", target, max_ratio,
+                 100 * best.macs / max(total, 1))
         return best
     low, high = 0.0, max_ratio
     for _ in range(40):
@@ -114,7 +115,7 @@ def fill_budget(analysis: Analysis, groups: list[ChannelGroup], plan: Plan, targ
     the uniform plan kept 37 % of the MACs for a 50 % target)."""
     budget = target * model_cost(analysis, {})[0]
     keep = dict(plan.keep)
-    steps = {g.id: allowed_counts(g.n, round_to, g.width(g.primary_dim(analysis)), set_size) for g in groups}
+    steps = group_steps(analysis, groups, round_to, set_size)
     while True:
         for group in sorted(groups, key=lambda g: (keep[g.id] / g.n, g.id)):
             up = next((c for c in steps[group.id] if c > keep[group.id]), None)
@@ -129,9 +130,44 @@ def fill_budget(analysis: Analysis, groups: list[ChannelGroup], plan: Plan, targ
             return plan
 
 
-def allowed_counts(n: int, round_to: int, width: float, set_size: int) -> list[int]:
-    """The atom counts ``keep_count`` can give for a group of ``n``, ascending."""
-    return sorted({keep_count(n, 1.0 - c / n, round_to, width, set_size) for c in range(1, n + 1)})
+def allowed_counts(n: int, round_to: int, width: float, set_size: int, branch: bool = False) -> list[int]:
+    """The atom counts ``keep_count`` can give for a group of ``n``, ascending; 0 first for a ``branch`` group
+    (one that may go whole, ``branches.py``)."""
+    counts = sorted({keep_count(n, 1.0 - c / n, round_to, width, set_size) for c in range(1, n + 1)})
+    return [0, *counts] if branch else counts
+
+
+def group_steps(analysis: Analysis, groups: list[ChannelGroup], round_to: int, set_size: int) -> dict[int, list[int]]:
+    """Per group id, its allowed counts (``allowed_counts``)."""
+    return {g.id: allowed_counts(g.n, round_to, g.width(g.primary_dim(analysis)), set_size, g.branch) for g in groups}
+
+
+def drop_branches_to_fit(analysis: Analysis, groups: list[ChannelGroup], plan: Plan, target: float, round_to: int,
+                         set_size: int, max_tries: int = 4096) -> Plan:
+    """When whole blocks cannot meet the MAC budget, remove whole residual branches too: the fewest that let the
+    coarsest counts of the other groups fit, then ``fill_budget``; of the ways to do that, the one keeping the most
+    MACs. Returns ``plan`` unchanged when it already fits or no set of branches helps."""
+    budget = target * model_cost(analysis, {})[0]
+    branches = [g for g in groups if g.branch]
+    if plan.macs <= budget or not branches:
+        return plan
+    steps = group_steps(analysis, groups, round_to, set_size)
+    coarsest = {g.id: next(c for c in steps[g.id] if c > 0) for g in groups}
+    for k in range(1, len(branches) + 1):
+        best = None
+        for dropped in itertools.islice(itertools.combinations(branches, k), max_tries):
+            keep = {**coarsest, **{g.id: 0 for g in dropped}}
+            macs, params = model_cost(analysis, removed_counts(analysis, keep))
+            if macs > budget:
+                continue
+            filled = fill_budget(analysis, groups, Plan(plan.ratio, keep, macs, params), target, round_to, set_size)
+            if best is None or filled.macs > best.macs:
+                best = filled
+        if best is not None:
+            log.info("whole branches removed to meet %.2f of the MACs: %s", target,
+                     sorted(gid for gid, c in best.keep.items() if c == 0))
+            return best
+    return plan
 
 
 def choose(scores: np.ndarray, keep: int) -> np.ndarray:
