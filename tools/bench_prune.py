@@ -31,7 +31,8 @@ statistics left), ``l1+refit+bn`` (both: what ``graphopt prune --calib`` does by
 (channels ranked by the error left after refitting), and both ends again with kept channel counts rounded
 down to multiples of 8 (``--round 8``): onnxruntime's blocked conv kernels run odd channel counts slowly,
 which can make a pruned net *slower*; ``--latency``: counts in whole NCHWc blocks and, above 4 blocks, whole
-filter sets of 4 blocks (see ``passes/prune/plan.py``); ``--allocate latency``: the same allowed counts, but
+filter sets of 4 blocks (see ``passes/prune/plan.py``), and whole residual branches removed where blocks alone
+cannot meet the target (``passes/prune/branches.py``); ``--allocate latency``: the same allowed counts, but
 per group, chosen by timing pruned copies in onnxruntime (most time saved per MAC removed first; each prune
 allocates afresh, so two variants may get different counts: the spread shows the timing noise).
 

@@ -15,7 +15,8 @@ high-resolution convs run at a better MAC rate than low-resolution ones
   is cheapest in time).
 
 Allowed counts are the ``--latency`` ones (whole NCHWc blocks, whole filter
-sets above 4 blocks). ``measure`` returns, for a list of plans timed together,
+sets above 4 blocks), and 0 for a group whose residual branch may go whole
+(``branches.py``). ``measure`` returns, for a list of plans timed together,
 each plan's time relative to the first; tests pass a deterministic function.
 """
 
