@@ -150,6 +150,25 @@ def test_one_lucky_timing_does_not_keep_int8(zoo, digits, monkeypatch):
     assert all(f.reason == "latency" for f in report.kept_float)
 
 
+@pytest.mark.parametrize("trial", [[0.70, 0.72], [0.70, 0.80], [0.80]])  # trial model's time / fp32's, per timing
+def test_a_layer_reading_the_model_input_goes_float_only_when_timed_faster_twice(zoo, digits, monkeypatch, trial):
+    """int8 pays (0.8x fp32); with the first conv float the model takes ``trial``: kept only if both timings
+    are under INPUT_FLOAT_BELOW of the all-int8 time (0.7/0.8 and 0.72/0.8 are; 0.8/0.8 is not)."""
+    readings = iter(trial)
+    monkeypatch.setattr("graphopt.passes.quant.api.paired_latency",
+                        lambda model, baseline, feed: (0.8, {"quantized": 0.8, "fp32": 1.0}))
+    monkeypatch.setattr("graphopt.passes.quant.api.interleaved_ratios",
+                        lambda sessions, feed: ([1.0, 0.8, (t := next(readings))], [1.0, 0.8, t]))
+    model, report = quantize(str(zoo.build("digits_cnn_dynamo")), digits["calib"], QuantConfig())
+    floats = [f for f in report.kept_float if f.reason == "latency"]
+    stem_int8 = any(n.op_type == "QuantizeLinear" and n.inputs[0].name == "images" for n in model.graph)
+    if trial[-1] < 0.8 * 0.97:
+        assert [f.op_type for f in floats] == ["Conv"] and "reads a model input" in floats[0].detail
+        assert not stem_int8 and report.latency_ratio == trial[-1] and report.quantized_nodes > 0
+    else:
+        assert not floats and stem_int8 and report.latency_ratio == 0.8
+
+
 def test_cli_quantize_writes_a_runnable_model_and_json(zoo, digits, tmp_path, capsys):
     path = str(zoo.build("digits_cnn_dynamo"))
     calib = tmp_path / "calib.npz"
