@@ -42,9 +42,9 @@ MIN_EVAL, EVAL_SECONDS = 8, 10.0  # the dynamic/weight-only reference stops afte
 #: under it is timed twice and the slower reading decides: one 2 s timing under load once kept the small
 #: ResNet int8 for a benchmarked 1.02x.
 PAYS_BELOW = 0.95
-#: A layer reading the model input stays float when that makes the int8 model at most this share of the time
-#: it takes with the layer int8, in two timings (the slower decides, as for PAYS_BELOW).
-INPUT_FLOAT_BELOW = 0.97
+#: The first layers stay float when that makes the int8 model take at most this share of the all-int8 time,
+#: in two timings (see _float_prefix); at most this many layers are tried.
+FLOAT_PREFIX_BELOW, MAX_FLOAT_PREFIX = 0.97, 4
 SQNR_SAMPLES = 2  # per-tensor SQNR runs both models with every quantized tensor exposed: a few samples
 
 Calibration = CalibSource | Iterable[Mapping[str, np.ndarray]]
@@ -89,7 +89,7 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     if config.latency_aware and selected and config.mode != "weight_only":  # weight-only is for size, not speed
         selected = _pay_or_fall_back(job, plan, selected, report)
         if selected and config.mode == "static":
-            selected = _input_layers_in_float(job, model, plan, selected, report)
+            selected = _float_prefix(job, model, plan, selected, report)
         clock.lap("latency")
     quantized, inserted = job.build(selected)
     got = run_outputs(quantized, job.eval_feeds)  # never hand back a model onnxruntime cannot run
@@ -314,33 +314,43 @@ def _pay_or_fall_back(job: _Job, plan: Plan, selected: set[str], report: QuantRe
             return selected
 
 
-def _input_layers_in_float(job: _Job, model: Model, plan: Plan, selected: set[str], report: QuantReport
-                           ) -> set[str]:
-    """Give the layers reading a model input back to float when that makes the int8 model faster.
+def _float_prefix(job: _Job, model: Model, plan: Plan, selected: set[str], report: QuantReport) -> set[str]:
+    """Give the first layers back to float when the model is then faster (the model's first quantized layer
+    must read a model input).
 
-    Such a layer sees few channels (an image's 3: an int8 GEMM with a reduction of 27) and, int8, has
-    onnxruntime quantize and transpose the raw input; float, it runs in the NCHWc kernel made for it. Timed, not
-    assumed: on MobileNetV2 (64x64) the model went from 1.22x to 1.33x fp32's speed, on the small ResNet from
-    1.30x to 0.89x (its max-pool then runs as a uint8 NCHW kernel)."""
+    That layer sees few channels (an image's 3: an int8 GEMM reducing 27 values) and, int8, has onnxruntime
+    quantize and transpose the raw input; float, it runs in the NCHWc kernel made for it, and the float/int8
+    boundary moves to where the tensor is cheapest to convert. The prefixes of 1 to MAX_FLOAT_PREFIX quantized
+    layers (graph order) are timed together with the all-int8 model; the fastest is kept when it takes at most
+    FLOAT_PREFIX_BELOW of the all-int8 time in that timing and in a second one (fresh sessions), so picking the
+    best of several noisy readings cannot decide alone. MobileNetV2 (64x64): all-int8 1.23x fp32's speed, the
+    first 3 layers float 1.35x (their int8 kernels with 8-16 channels ran slower than float); small ResNet: every
+    prefix slower (stem float 0.89x: its max-pool then runs as a uint8 NCHW kernel)."""
     inputs = {v.name for v in model.graph.inputs}
-    first = {n for n in selected if any(plan.candidates[n].node.inputs[i].name in inputs
-                                        for i in plan.candidates[n].activations)}
-    if not first or first == selected:
+    order = [n.name for n in model.graph if n.name in selected]
+    head = plan.candidates[order[0]] if order else None
+    if head is None or not any(head.node.inputs[i].name in inputs for i in head.activations):
+        return selected
+    prefixes = [set(order[:k]) for k in range(1, min(MAX_FLOAT_PREFIX, len(order) - 1) + 1)]
+    if not prefixes:
         return selected
     feed = job.eval_feeds[0]
-    current, trial = job.build(selected)[0], job.build(selected - first)[0]
-    readings = []
-    for _ in range(2):  # fresh sessions each time
-        ratios, ms = interleaved_ratios([session(job.fp32), session(current), session(trial)], feed)
-        readings.append((ratios[2] / ratios[1], ratios[2], ms))
-        if readings[-1][0] > INPUT_FLOAT_BELOW:
-            return selected
-    _, ratio, ms = max(readings, key=lambda r: r[0])
-    report.latency_ms, report.latency_ratio = {"quantized": ms[2], "fp32": ms[0]}, ratio
-    note = f"reads a model input: float, the model took {ratio:.2f}x fp32's time ({ms[2]:.3f} vs {ms[0]:.3f} ms)"
-    for name in sorted(first):
+    models = [job.build(selected)[0]] + [job.build(selected - p)[0] for p in prefixes]
+    ratios, ms = interleaved_ratios([session(job.fp32)] + [session(m) for m in models], feed)
+    best = min(range(len(prefixes)), key=lambda k: ratios[k + 2])
+    if ratios[best + 2] > FLOAT_PREFIX_BELOW * ratios[1]:
+        return selected
+    again, ms_again = interleaved_ratios([session(job.fp32), session(models[0]), session(models[best + 1])], feed)
+    if again[2] > FLOAT_PREFIX_BELOW * again[1]:
+        return selected
+    readings = [(ratios[best + 2], ratios[1], ms[best + 2], ms[0]), (again[2], again[1], ms_again[2], ms_again[0])]
+    ratio, all_int8, int8_ms, fp32_ms = max(readings)  # the slower reading decides what is reported
+    report.latency_ms, report.latency_ratio = {"quantized": int8_ms, "fp32": fp32_ms}, ratio
+    note = (f"first {best + 1} layer(s) float: the model took {ratio:.2f}x fp32's time ({int8_ms:.3f} vs "
+            f"{fp32_ms:.3f} ms), {ratio / all_int8:.2f}x the all-int8 time")
+    for name in order[:best + 1]:
         report.kept_float.append(FloatNode(name, plan.candidates[name].node.op_type, LATENCY, note))
-    return selected - first
+    return selected - prefixes[best]
 
 
 def _activation_errors(fp32: bytes, quantized: bytes, inserted: Inserted, feeds) -> list[LayerError]:

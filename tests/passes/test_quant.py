@@ -150,23 +150,34 @@ def test_one_lucky_timing_does_not_keep_int8(zoo, digits, monkeypatch):
     assert all(f.reason == "latency" for f in report.kept_float)
 
 
-@pytest.mark.parametrize("trial", [[0.70, 0.72], [0.70, 0.80], [0.80]])  # trial model's time / fp32's, per timing
-def test_a_layer_reading_the_model_input_goes_float_only_when_timed_faster_twice(zoo, digits, monkeypatch, trial):
-    """int8 pays (0.8x fp32); with the first conv float the model takes ``trial``: kept only if both timings
-    are under INPUT_FLOAT_BELOW of the all-int8 time (0.7/0.8 and 0.72/0.8 are; 0.8/0.8 is not)."""
-    readings = iter(trial)
+# (the prefixes' times / fp32's in the first timing, the best prefix's in the second, layers kept float)
+@pytest.mark.parametrize("prefixes, again, expected", [([0.75, 0.70, 0.78, 0.9], 0.72, 2),
+                                                       ([0.70, 0.78, 0.79, 0.9], 0.80, 0),
+                                                       ([0.79, 0.78, 0.79, 0.9], None, 0)])
+def test_the_first_layers_go_float_only_when_timed_faster_twice(zoo, digits, monkeypatch, prefixes, again, expected):
+    """int8 pays (0.8x fp32); a prefix of float layers is kept only when the fastest one takes at most
+    FLOAT_PREFIX_BELOW of the all-int8 time in the timing of all of them and again alone."""
+    calls = []
+
+    def fake_ratios(sessions, feed):
+        calls.append(len(sessions))
+        trials = prefixes if len(calls) == 1 else [again]
+        return [1.0, 0.8, *trials], [1.0, 0.8, *trials]
+
     monkeypatch.setattr("graphopt.passes.quant.api.paired_latency",
                         lambda model, baseline, feed: (0.8, {"quantized": 0.8, "fp32": 1.0}))
-    monkeypatch.setattr("graphopt.passes.quant.api.interleaved_ratios",
-                        lambda sessions, feed: ([1.0, 0.8, (t := next(readings))], [1.0, 0.8, t]))
+    monkeypatch.setattr("graphopt.passes.quant.api.interleaved_ratios", fake_ratios)
     model, report = quantize(str(zoo.build("digits_cnn_dynamo")), digits["calib"], QuantConfig())
+    assert calls == [2 + 4] + ([] if again is None else [3])  # fp32, all-int8, prefixes of 1-4 layers
     floats = [f for f in report.kept_float if f.reason == "latency"]
+    assert len(floats) == expected and report.quantized_nodes > 0
     stem_int8 = any(n.op_type == "QuantizeLinear" and n.inputs[0].name == "images" for n in model.graph)
-    if trial[-1] < 0.8 * 0.97:
-        assert [f.op_type for f in floats] == ["Conv"] and "reads a model input" in floats[0].detail
-        assert not stem_int8 and report.latency_ratio == trial[-1] and report.quantized_nodes > 0
+    assert stem_int8 == (expected == 0)
+    if expected:
+        assert floats[0].op_type == "Conv" and "first 2 layer(s) float" in floats[0].detail
+        assert report.latency_ratio == max(again, prefixes[expected - 1])
     else:
-        assert not floats and stem_int8 and report.latency_ratio == 0.8
+        assert report.latency_ratio == 0.8
 
 
 def test_cli_quantize_writes_a_runnable_model_and_json(zoo, digits, tmp_path, capsys):
