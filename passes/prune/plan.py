@@ -145,31 +145,37 @@ def group_steps(analysis: Analysis, groups: list[ChannelGroup], round_to: int, s
 
 
 def drop_branches_to_fit(analysis: Analysis, groups: list[ChannelGroup], plan: Plan, target: float, round_to: int,
-                         set_size: int, max_tries: int = 4096) -> Plan:
+                         set_size: int, max_tries: int = 4096, max_fills: int = 8) -> Plan:
     """When whole blocks cannot meet the MAC budget, remove whole residual branches too: the fewest that let the
-    coarsest counts of the other groups fit, then ``fill_budget``; of the ways to do that, the one keeping the most
-    MACs. Returns ``plan`` unchanged when it already fits or no set of branches helps."""
+    coarsest counts of the other groups fit, then ``fill_budget``; of the ways to do that (up to ``max_tries``
+    sets tried, the ``max_fills`` keeping the most MACs filled), the one keeping the most MACs. Returns ``plan``
+    unchanged when it already fits or even removing every branch would not."""
     budget = target * model_cost(analysis, {})[0]
     branches = [g for g in groups if g.branch]
     if plan.macs <= budget or not branches:
         return plan
     steps = group_steps(analysis, groups, round_to, set_size)
     coarsest = {g.id: next(c for c in steps[g.id] if c > 0) for g in groups}
-    for k in range(1, len(branches) + 1):
-        best = None
-        for dropped in itertools.islice(itertools.combinations(branches, k), max_tries):
-            keep = {**coarsest, **{g.id: 0 for g in dropped}}
-            macs, params = model_cost(analysis, removed_counts(analysis, keep))
-            if macs > budget:
-                continue
-            filled = fill_budget(analysis, groups, Plan(plan.ratio, keep, macs, params), target, round_to, set_size)
-            if best is None or filled.macs > best.macs:
-                best = filled
-        if best is not None:
-            log.info("whole branches removed to meet %.2f of the MACs: %s", target,
-                     sorted(gid for gid, c in best.keep.items() if c == 0))
-            return best
-    return plan
+
+    def cost(dropped) -> tuple[float, float, dict[int, int]]:
+        keep = {**coarsest, **{g.id: 0 for g in dropped}}
+        return (*model_cost(analysis, removed_counts(analysis, keep)), keep)
+
+    base = cost(())[0]
+    saved = {g.id: base - cost((g,))[0] for g in branches}
+    largest_first = sorted(branches, key=lambda g: -saved[g.id])
+    fewest = next((k for k in range(1, len(branches) + 1) if cost(largest_first[:k])[0] <= budget), None)
+    if fewest is None:
+        return plan
+    fitting = [c for c in (cost(d) for d in itertools.islice(itertools.combinations(branches, fewest), max_tries))
+               if c[0] <= budget]
+    fitting.sort(key=lambda c: -c[0])
+    filled = [fill_budget(analysis, groups, Plan(plan.ratio, keep, macs, params), target, round_to, set_size)
+              for macs, params, keep in fitting[:max_fills]]
+    best = max(filled, key=lambda p: p.macs)
+    log.info("whole branches removed to meet %.2f of the MACs: %s", target,
+             sorted(gid for gid, c in best.keep.items() if c == 0))
+    return best
 
 
 def choose(scores: np.ndarray, keep: int) -> np.ndarray:
