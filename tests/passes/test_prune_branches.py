@@ -124,3 +124,10 @@ def test_exported_bert_attention_and_ffn_blocks_can_go_whole(zoo, name):
     feeds = zoo.make_inputs(zoo.MODELS[name], second=True, seed=2)
     ref, got = session(str(zoo.build(name))).run(None, feeds), session(graphopt.to_bytes(out)).run(None, feeds)
     assert [r.shape for r in ref] == [g.shape for g in got]
+
+
+def test_a_target_no_set_of_branches_meets_removes_none(zoo):
+    model = graphopt.load(str(zoo.build("resnet_dynamo")))
+    report = prune(model, PruneConfig(flops=0.05, latency=True, round_to=16))  # the stem alone is 13 %
+    assert "removed" not in [g.status for g in report.groups]
+    assert any(note.startswith("FLOPs target not reached") for note in report.notes)
