@@ -19,8 +19,9 @@ sets above 4 blocks), and 0 for a group whose residual branch may go whole
 (``branches.py``) when whole blocks alone cannot meet the budget: removing a
 branch is the lossiest step, and timed for speed alone the greedy takes it
 first (the small ResNet's highest-resolution block: agreement 0.78 against
-0.95, at about the same speed as ``--latency``). ``measure`` returns, for a list of plans timed together,
-each plan's time relative to the first; tests pass a deterministic function.
+0.95, at about the same speed as ``--latency``). ``measure`` returns, for a
+list of plans timed together, each plan's time relative to the first; tests
+pass a deterministic function.
 """
 
 from __future__ import annotations
