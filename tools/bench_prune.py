@@ -251,7 +251,7 @@ def plan_rows(rows: list[dict], name: str = "resnet_torchscript", batch: int = 1
     from graphopt.passes.prune.allocate import pruned_copy
     from graphopt.passes.prune.cost import model_cost
     from graphopt.passes.prune.groups import default_protected
-    from graphopt.passes.prune.plan import FILTER_SET, cpu_block, group_steps, removed_counts
+    from graphopt.passes.prune.plan import FILTER_SET, allocation_steps, cpu_block, removed_counts
     from graphopt.passes.prune.probe import probe_shapes
     from graphopt.pipeline import PassContext, get_pass
 
@@ -263,7 +263,7 @@ def plan_rows(rows: list[dict], name: str = "resnet_torchscript", batch: int = 1
     protect = default_protected(model)
     analysis = analyze(model, shapes, protect)
     groups = [g for g in analysis.groups if g.prunable]
-    steps = list(group_steps(analysis, groups, cpu_block(), FILTER_SET).values())
+    steps = list(allocation_steps(analysis, groups, target, cpu_block(), FILTER_SET).values())
     total = model_cost(analysis, {})[0]
 
     def share(counts) -> float:

@@ -39,7 +39,7 @@ from .apply import apply_removal, kept_indices
 from .branches import drop_branches
 from .cost import model_cost
 from .groups import Analysis, ChannelGroup, analyze
-from .plan import Plan, group_steps, removed_counts
+from .plan import Plan, allocation_steps, removed_counts
 from .probe import ShapeTable
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,10 @@ def allocate_latency(analysis: Analysis, groups: list[ChannelGroup], target: flo
     """Counts keeping at most ``target`` of the MACs, chosen by measured time per MAC (module docstring)."""
     total = model_cost(analysis, {})[0]
     budget = target * total
-    steps = group_steps(analysis, groups, round_to, set_size)
+    steps = allocation_steps(analysis, groups, target, round_to, set_size)
 
     def macs(keep: Keep) -> float:
         return model_cost(analysis, removed_counts(analysis, keep))[0]
-
-    if macs({g.id: next(c for c in steps[g.id] if c > 0) for g in groups}) <= budget:
-        steps = {gid: [c for c in counts if c > 0] for gid, counts in steps.items()}  # whole blocks fit
 
     keep = {g.id: g.n for g in groups}
     while macs(keep) > budget:

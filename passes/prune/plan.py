@@ -144,6 +144,18 @@ def group_steps(analysis: Analysis, groups: list[ChannelGroup], round_to: int, s
     return {g.id: allowed_counts(g.n, round_to, g.width(g.primary_dim(analysis)), set_size, g.branch) for g in groups}
 
 
+def allocation_steps(analysis: Analysis, groups: list[ChannelGroup], target: float, round_to: int,
+                     set_size: int) -> dict[int, list[int]]:
+    """``group_steps`` for a per-group allocation: 0 (a whole branch) only when the coarsest counts of whole
+    blocks keep more than ``target`` of the MACs (removing a branch is the lossiest cut; allocate.py)."""
+    steps = group_steps(analysis, groups, round_to, set_size)
+    coarsest = {g.id: next(c for c in steps[g.id] if c > 0) for g in groups}
+    total = model_cost(analysis, {})[0]
+    if model_cost(analysis, removed_counts(analysis, coarsest))[0] <= target * total:
+        return {gid: [c for c in counts if c > 0] for gid, counts in steps.items()}
+    return steps
+
+
 def drop_branches_to_fit(analysis: Analysis, groups: list[ChannelGroup], plan: Plan, target: float, round_to: int,
                          set_size: int, max_tries: int = 4096, max_fills: int = 8) -> Plan:
     """When whole blocks cannot meet the MAC budget, remove whole residual branches too: the fewest that let the
