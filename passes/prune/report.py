@@ -17,7 +17,7 @@ class GroupReport:
 
     id: int
     name: str
-    status: str  # "pruned", "kept", or "blocked"
+    status: str  # "pruned", "kept", "blocked", or "removed" (every channel: a whole residual branch went)
     atoms_before: int
     atoms_after: int
     width: float  # elements per atom in the first producer's output (32 for a head of 32 dims)
