@@ -338,10 +338,10 @@ def _float_prefix(job: _Job, model: Model, plan: Plan, selected: set[str], repor
     models = [job.build(selected)[0]] + [job.build(selected - p)[0] for p in prefixes]
     ratios, ms = interleaved_ratios([session(job.fp32)] + [session(m) for m in models], feed)
     best = min(range(len(prefixes)), key=lambda k: ratios[k + 2])
-    if ratios[best + 2] > FLOAT_PREFIX_BELOW * ratios[1]:
+    if not _prefix_pays(ratios[best + 2], ratios[1]):
         return selected
     again, ms_again = interleaved_ratios([session(job.fp32), session(models[0]), session(models[best + 1])], feed)
-    if again[2] > FLOAT_PREFIX_BELOW * again[1]:
+    if not _prefix_pays(again[2], again[1]):
         return selected
     readings = [(ratios[best + 2], ratios[1], ms[best + 2], ms[0]), (again[2], again[1], ms_again[2], ms_again[0])]
     ratio, all_int8, int8_ms, fp32_ms = max(readings)  # the slower reading decides what is reported
@@ -351,6 +351,12 @@ def _float_prefix(job: _Job, model: Model, plan: Plan, selected: set[str], repor
     for name in order[:best + 1]:
         report.kept_float.append(FloatNode(name, plan.candidates[name].node.op_type, LATENCY, note))
     return selected - prefixes[best]
+
+
+def _prefix_pays(prefix: float, all_int8: float) -> bool:
+    """A float prefix is kept when its model beats the all-int8 one clearly and still pays against fp32 itself
+    (both ratios are to fp32's time in the same timing)."""
+    return prefix <= FLOAT_PREFIX_BELOW * all_int8 and prefix <= PAYS_BELOW
 
 
 def _activation_errors(fp32: bytes, quantized: bytes, inserted: Inserted, feeds) -> list[LayerError]:
