@@ -39,16 +39,12 @@ UNARY = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Er
 ARITHMETIC = ("Add", "Sub", "Mul", "Div")
 
 
-def _nodes_by_label(analysis: Analysis) -> dict[str, Node]:
-    return {node.label(): node for node in analysis.model.graph}
-
-
 def branch_problem(analysis: Analysis, group: ChannelGroup) -> str | None:
     """Why ``group`` cannot be removed whole (None: it can; see the module docstring)."""
     if not group.prunable:
         return "the group is not prunable"
     on_group = {name for name, _ in group.dims}
-    nodes = _nodes_by_label(analysis)
+    nodes = analysis.nodes
     consumers = [nodes[label] for label in group.consumers if label in nodes]
     if not consumers or len(consumers) != len(group.consumers):
         return "no layer reads the group"
@@ -130,8 +126,7 @@ def consumer_means(analysis: Analysis, groups: Iterable[ChannelGroup], original:
                    feeds: Sequence[Sample]) -> dict[str, np.ndarray]:
     """Per consumer label of ``groups``, the per-channel mean of its output in the unpruned model over
     ``feeds``: what a least-squares refit with no inputs left gives."""
-    nodes = _nodes_by_label(analysis)
-    consumers = [nodes[label] for group in groups for label in group.consumers]
+    consumers = [analysis.nodes[label] for group in groups for label in group.consumers]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for values in run_exposed(original, [n.outputs[0].name for n in consumers], feeds, label="model (branch means)"):
@@ -149,12 +144,11 @@ def drop_branches(model: Model, analysis: Analysis, groups: Iterable[ChannelGrou
     """Replace the outputs of each removed group's consumers by constants, fold what follows and drop the dead
     branch; returns the consumers' labels. Call after ``apply_removal`` (which sliced the biases to the kept
     output channels; ``means``, from ``consumer_means`` on the unpruned model, are sliced here alike)."""
-    nodes = _nodes_by_label(analysis)
     graph = model.graph
     replaced = []
     for group in groups:
         for label in group.consumers:
-            node = nodes[label]
+            node = analysis.nodes[label]
             value = node.outputs[0]
             mean = means.get(label) if means else None
             rank = len(analysis.shapes.static(value) or (0, 0))

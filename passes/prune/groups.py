@@ -20,6 +20,7 @@ says which node blocked it and why. networkx gives the dim-level components
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
 from collections.abc import Iterable
@@ -100,6 +101,11 @@ class Analysis:
     blocked: dict[DimKey, list[tuple[str, str]]]
     fixups: dict[str, Node]
     coupling: nx.Graph  # dims linked by some node's axis class
+
+    @functools.cached_property
+    def nodes(self) -> dict[str, Node]:
+        """The main graph's nodes by label (how groups name their layers), as analysed."""
+        return {node.label(): node for node in self.model.graph}
 
     def coupled_layers(self, group: ChannelGroup) -> list[set[DimKey]]:
         """The dim-level components the group's dims fall in (networkx)."""

@@ -144,14 +144,18 @@ def group_steps(analysis: Analysis, groups: list[ChannelGroup], round_to: int, s
     return {g.id: allowed_counts(g.n, round_to, g.width(g.primary_dim(analysis)), set_size, g.branch) for g in groups}
 
 
+def coarsest(steps: dict[int, list[int]]) -> dict[int, int]:
+    """Per group id, its smallest allowed count that keeps something (whole blocks, no branch removed)."""
+    return {gid: next(c for c in counts if c > 0) for gid, counts in steps.items()}
+
+
 def allocation_steps(analysis: Analysis, groups: list[ChannelGroup], target: float, round_to: int,
                      set_size: int) -> dict[int, list[int]]:
     """``group_steps`` for a per-group allocation: 0 (a whole branch) only when the coarsest counts of whole
     blocks keep more than ``target`` of the MACs (removing a branch is the lossiest cut; allocate.py)."""
     steps = group_steps(analysis, groups, round_to, set_size)
-    coarsest = {g.id: next(c for c in steps[g.id] if c > 0) for g in groups}
     total = model_cost(analysis, {})[0]
-    if model_cost(analysis, removed_counts(analysis, coarsest))[0] <= target * total:
+    if model_cost(analysis, removed_counts(analysis, coarsest(steps)))[0] <= target * total:
         return {gid: [c for c in counts if c > 0] for gid, counts in steps.items()}
     return steps
 
@@ -166,11 +170,10 @@ def drop_branches_to_fit(analysis: Analysis, groups: list[ChannelGroup], plan: P
     branches = [g for g in groups if g.branch]
     if plan.macs <= budget or not branches:
         return plan
-    steps = group_steps(analysis, groups, round_to, set_size)
-    coarsest = {g.id: next(c for c in steps[g.id] if c > 0) for g in groups}
+    floor = coarsest(group_steps(analysis, groups, round_to, set_size))
 
     def cost(dropped) -> tuple[float, float, dict[int, int]]:
-        keep = {**coarsest, **{g.id: 0 for g in dropped}}
+        keep = {**floor, **{g.id: 0 for g in dropped}}
         return (*model_cost(analysis, removed_counts(analysis, keep)), keep)
 
     base = cost(())[0]

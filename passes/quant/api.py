@@ -3,6 +3,7 @@ budget, the latency check, the per-tensor error report, and a final onnxruntime 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -11,6 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 import graphopt
 from graphopt.errors import GraphoptError
@@ -203,8 +205,19 @@ class _Job:
         self.reference = reference
         self.eval_feeds = samples[: len(reference)]
         self.sens_feeds = samples[: min(config.sensitivity_samples, len(reference))]
+        self._last_build: tuple[frozenset[str], QuantConfig, tuple[bytes, Inserted]] | None = None
+
+    @functools.cached_property
+    def fp32_session(self) -> ort.InferenceSession:
+        """One session of the fp32 model for every latency timing (a GPT-2-base session takes seconds)."""
+        return session(self.fp32)
 
     def build(self, selected: set[str]) -> tuple[bytes, Inserted]:
+        """The model with ``selected`` quantized. The last build is kept: the latency checks and the final
+        model ask for the same one in turn."""
+        key = frozenset(selected)
+        if self._last_build is not None and self._last_build[0] == key and self._last_build[1] is self.config:
+            return self._last_build[2]
         model = graphopt.load(self.fp32)
         if self.config.mode == "static":
             inserted = insert_static(model, selected, self.ranges, self.config)
@@ -212,7 +225,8 @@ class _Job:
             inserted = insert_dynamic(model, selected, self.config)
         else:
             inserted = insert_weight_only(model, selected, self.config)
-        return to_bytes(model), inserted
+        self._last_build = (key, self.config, (to_bytes(model), inserted))
+        return self._last_build[2]
 
     def error(self, got: Outputs, subset: bool = False) -> float:
         ref = self.reference[: len(got)] if subset else self.reference
@@ -290,7 +304,7 @@ def _pay_or_fall_back(job: _Job, plan: Plan, selected: set[str], report: QuantRe
     """The quantized model must not be slower than fp32: drop the op kinds that pay least until it is not."""
     feed = job.eval_feeds[0]
     kinds = sorted({plan.candidates[n].kind for n in selected}, key=lambda k: speedup(k) or 0.0)
-    fp32 = session(job.fp32)
+    fp32 = job.fp32_session
     while True:
         model, _ = job.build(selected)
         ratio, times = paired_latency(model, fp32, feed)
@@ -322,10 +336,11 @@ def _float_prefix(job: _Job, model: Model, plan: Plan, selected: set[str], repor
     quantize and transpose the raw input; float, it runs in the NCHWc kernel made for it, and the float/int8
     boundary moves to where the tensor is cheapest to convert. The prefixes of 1 to MAX_FLOAT_PREFIX quantized
     layers (graph order) are timed together with the all-int8 model; the fastest is kept when it takes at most
-    FLOAT_PREFIX_BELOW of the all-int8 time in that timing and in a second one (fresh sessions), so picking the
-    best of several noisy readings cannot decide alone. MobileNetV2 (64x64): all-int8 1.23x fp32's speed, the
-    first 3 layers float 1.35x (their int8 kernels with 8-16 channels ran slower than float); small ResNet: every
-    prefix slower (stem float 0.89x: its max-pool then runs as a uint8 NCHW kernel)."""
+    FLOAT_PREFIX_BELOW of the all-int8 time and PAYS_BELOW of fp32's (``_prefix_pays``) in that timing and in a
+    second one (fresh int8 sessions), so picking the best of several noisy readings cannot decide alone.
+    MobileNetV2 (64x64): all-int8 1.23x fp32's speed, the first 3 layers float 1.35x (their int8 kernels with
+    8-16 channels ran slower than float); small ResNet: every prefix slower (stem float 0.89x: its max-pool then
+    runs as a uint8 NCHW kernel)."""
     inputs = {v.name for v in model.graph.inputs}
     order = [n.name for n in model.graph if n.name in selected]
     head = plan.candidates[order[0]] if order else None
@@ -336,11 +351,11 @@ def _float_prefix(job: _Job, model: Model, plan: Plan, selected: set[str], repor
         return selected
     feed = job.eval_feeds[0]
     models = [job.build(selected)[0]] + [job.build(selected - p)[0] for p in prefixes]
-    ratios, ms = interleaved_ratios([session(job.fp32)] + [session(m) for m in models], feed)
+    ratios, ms = interleaved_ratios([job.fp32_session] + [session(m) for m in models], feed)
     best = min(range(len(prefixes)), key=lambda k: ratios[k + 2])
     if not _prefix_pays(ratios[best + 2], ratios[1]):
         return selected
-    again, ms_again = interleaved_ratios([session(job.fp32), session(models[0]), session(models[best + 1])], feed)
+    again, ms_again = interleaved_ratios([job.fp32_session, session(models[0]), session(models[best + 1])], feed)
     if not _prefix_pays(again[2], again[1]):
         return selected
     readings = [(ratios[best + 2], ratios[1], ms[best + 2], ms[0]), (again[2], again[1], ms_again[2], ms_again[0])]
