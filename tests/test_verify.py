@@ -447,6 +447,10 @@ def test_candidate_that_cannot_run_gives_a_failed_report() -> None:
     candidate.graph.node[0].op_type = "NoSuchOp"
     report = verify_models(original, candidate)
     assert not report.ok and "candidate" in report.error and report.outputs == []
+    console = Console(record=True, width=200)
+    console.print(render_report(report))
+    lines = console.export_text().splitlines()
+    assert lines[0] == "verification FAILED" and "NoSuchOp" in lines[1]  # no empty table around it
 
 
 def test_report_renders_and_serializes() -> None:

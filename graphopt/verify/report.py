@@ -62,13 +62,16 @@ class VerifyReport:
     def __str__(self) -> str:
         return self.summary()
 
-    def __rich__(self) -> Table:
+    def __rich__(self) -> Table | Text:
         return render_report(self)
 
 
-def render_report(report: VerifyReport) -> Table:
-    """A rich table of the per-output verdicts, with the divergence and notes as its caption."""
+def render_report(report: VerifyReport) -> Table | Text:
+    """A rich table of the per-output verdicts, with the divergence and notes as its caption; just the
+    verdict and the error where nothing was compared (a candidate onnxruntime cannot load)."""
     title = Text("verification OK", "bold green") if report.ok else Text("verification FAILED", "bold red")
+    if not report.outputs:
+        return Text("\n").join([title, *map(Text, _footer(report))])
     table = Table(title=title, caption="\n".join(_footer(report)) or None, caption_justify="left")
     for column in _COLUMNS:
         table.add_column(

@@ -12,7 +12,8 @@ Three forms are accepted, because that is how people have their samples:
 Every sample is checked before anything runs, and a bad one raises a
 GraphoptError that names the input and says what was expected: a missing
 input, the wrong kind of dtype (float where int64 token ids are expected;
-float64 is cast to float32 silently), the wrong rank or a wrong static dim.
+float64 is cast to float32 silently), the wrong rank or a wrong static dim, or
+NaN in a float input.
 Activations are then read by running onnxruntime with intermediate values
 exposed as extra outputs, batch by batch, so memory stays bounded.
 """
@@ -119,6 +120,9 @@ def check_sample(sample: Mapping[str, Any], specs: Sequence[InputSpec], index: i
             else:
                 raise CalibrationError(f"calibration input {spec.name!r} is {array.dtype}, the model expects "
                                        f"{spec.dtype} (sample {index})")
+        if array.dtype.kind == "f" and np.isnan(array).any():
+            # Ranges and refits taken over NaN are NaN; infinities may be meant (additive masks), NaN never is.
+            raise CalibrationError(f"calibration input {spec.name!r} holds NaN (sample {index})")
         if spec.dims is not None:
             if array.ndim != len(spec.dims):
                 raise CalibrationError(f"calibration input {spec.name!r} has rank {array.ndim} (shape "

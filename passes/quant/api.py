@@ -210,7 +210,7 @@ class _Job:
     @functools.cached_property
     def fp32_session(self) -> ort.InferenceSession:
         """One session of the fp32 model for every latency timing (a GPT-2-base session takes seconds)."""
-        return session(self.fp32)
+        return session(self.fp32, label="fp32 model")
 
     def build(self, selected: set[str]) -> tuple[bytes, Inserted]:
         """The model with ``selected`` quantized. The last build is kept: the latency checks and the final
@@ -245,7 +245,7 @@ class _Job:
 def _timed_reference(fp32: bytes, samples) -> Outputs:
     """fp32 outputs of the first samples, stopping early on a slow model (at least MIN_EVAL of them):
     every later step runs each candidate model on as many samples."""
-    sess = session(fp32)
+    sess = session(fp32, label="fp32 model")
     outputs: Outputs = []
     start = time.perf_counter()
     for sample in samples:

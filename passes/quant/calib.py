@@ -1,6 +1,6 @@
 """Calibration data for quantization: the three accepted forms, checked against the model's inputs.
 
-The loading and the per-input checks (missing input, wrong dtype kind, wrong rank or static dim, each
+The loading and the per-input checks (missing input, wrong dtype kind, wrong rank or static dim, NaN, each
 named in one CalibrationError) are the pruning package's: both passes take the same data.
 """
 
@@ -24,7 +24,7 @@ def load_calibration(source: CalibSource | Iterable[Mapping[str, np.ndarray]], m
     """Checked samples (at most ``limit``): a ``.npz`` path (arrays keyed by input name, samples stacked on a
     new leading axis), a folder of ``.npz`` (one sample each; shapes may differ) or an iterable of feed dicts.
 
-    Raises CalibrationError naming the input for a missing input, a wrong dtype or a wrong rank.
+    Raises CalibrationError naming the input for a missing input, a wrong dtype, a wrong rank or NaN.
     """
     return _load_checked(source, model if isinstance(model, onnx.ModelProto) else interface(model), limit)
 

@@ -16,25 +16,32 @@ from graphopt.errors import GraphoptError
 Outputs = list[dict[str, np.ndarray]]
 
 
-def session(model: bytes, threads: int = 2) -> ort.InferenceSession:
+def session(model: bytes, threads: int = 2, label: str = "model") -> ort.InferenceSession:
+    """A session as users run the model; a model onnxruntime rejects (an op it lacks) is the user's error."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 4
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several kinds; one message for the user
+        raise GraphoptError(f"onnxruntime cannot load the {label}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def run_outputs(model: bytes | ort.InferenceSession, feeds: Sequence[Mapping[str, np.ndarray]],
-                label: str = "quantized model") -> Outputs:
+                label: str = "quantized model", hint: str | None = "this is a graphopt bug; nothing was written"
+                ) -> Outputs:
+    sess = model if isinstance(model, ort.InferenceSession) else session(model, label=label)
     try:
-        sess = model if isinstance(model, ort.InferenceSession) else session(model)
         names = [o.name for o in sess.get_outputs()]
         return [dict(zip(names, sess.run(names, dict(feed)), strict=True)) for feed in feeds]
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several kinds; one message for the user
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GraphoptError(f"onnxruntime cannot run the {label}: {text}",
-                            hint="this is a graphopt bug; nothing was written") from exc
+        raise GraphoptError(f"onnxruntime cannot run the {label}: {_first_line(exc)}", hint=hint) from exc
 
 
 def output_errors(ref: Outputs, got: Outputs) -> dict[str, float]:

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from graphopt.verify.runtime import LoadedModel, open_session, run_session
 
-from .evaluate import session
+from .evaluate import run_outputs, session
 from .ranges import Histogram
 
 SUBSAMPLE = 1 << 14  # values per tensor and batch kept for the histogram
@@ -81,12 +81,12 @@ def observe(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Sequence[dict
     task = progress.add_task("calibrating", total=len(feeds)) if progress is not None else None
     # All graph optimizations on: only small statistics leave the graph, so onnxruntime still fuses and
     # uses its fast conv layouts (its verification sessions, optimizations off, ran ResNet-50 2x slower).
-    sess = session(stats_proto.SerializeToString())
-    names = [o.name for o in sess.get_outputs()]
+    sess = session(stats_proto.SerializeToString(), label="model (calibration)")
     model_outputs = [o.name for o in proto.graph.output]
     reference = []
-    for feed in feeds:
-        values = dict(zip(names, sess.run(names, feed), strict=True))
+    for number, feed in enumerate(feeds):
+        values = run_outputs(sess, [feed], label=f"model on calibration sample {number}",
+                             hint="check that sample's shapes against the model's inputs")[0]
         if len(reference) < keep_outputs:
             reference.append({k: values[k] for k in model_outputs})
         for i, name in enumerate(tensors):

@@ -3,6 +3,7 @@ calibration ranges, bad calibration data, and the budget search."""
 
 from __future__ import annotations
 
+import re
 import numpy as np
 import onnx
 import pytest
@@ -173,6 +174,34 @@ def test_bad_calibration_data_names_the_input():
         quantize(proto, [{"x": np.zeros((4, 32), np.int64)}])
     with pytest.raises(CalibrationError, match="'x' has rank 3"):
         quantize(proto, [{"x": np.zeros((1, 4, 32), np.float32)}])
+
+
+def test_nan_calibration_data_names_the_input():
+    bad = samples((4, 32))
+    bad[3]["x"][0, 5] = np.nan
+    with pytest.raises(CalibrationError, match=r"'x' holds NaN \(sample 3\)"):
+        quantize(shared_weight_model(), bad)
+
+
+@pytest.mark.parametrize("mode, stage", [("static", "model (calibration)"), ("dynamic", "fp32 model")])
+def test_a_model_onnxruntime_rejects_is_one_clear_error(mode, stage):
+    proto = shared_weight_model()
+    proto.graph.node[1].op_type = "NotARealOp"
+    with pytest.raises(graphopt.GraphoptError, match=rf"cannot load the {re.escape(stage)}.*NotARealOp") as err:
+        quantize(proto, samples((4, 32)), QuantConfig(mode=mode))
+    assert "\n" not in str(err.value)
+
+
+def test_a_sample_the_model_cannot_run_is_named():
+    shape = np.array([4, 32], np.int64)
+    proto = make_model([helper.make_node("Reshape", ["x", "shape"], ["f"], name="fixed"),
+                        helper.make_node("MatMul", ["f", "w"], ["y"], name="mm")],
+                       [tensor("x", ["n", 32])], [tensor("y", [4, 32])],
+                       {"shape": shape, "w": np.eye(32, dtype=np.float32)})
+    calib = samples((4, 32), n=3) + samples((2, 32), n=1)
+    with pytest.raises(graphopt.GraphoptError, match="cannot run the model on calibration sample 3") as err:
+        quantize(proto, calib, QuantConfig(latency_aware=False))
+    assert "graphopt bug" not in str(err.value)
 
 
 def test_config_errors_are_user_errors():
