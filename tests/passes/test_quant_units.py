@@ -4,6 +4,7 @@ calibration ranges, bad calibration data, and the budget search."""
 from __future__ import annotations
 
 import re
+
 import numpy as np
 import onnx
 import pytest
