@@ -21,6 +21,7 @@ from graphopt.onnx_io import ModelLike, to_bytes, to_proto
 from graphopt.passes.prune.calib import run_exposed
 from graphopt.pipeline import PassContext, get_pass
 
+from .align import pad_input_channels
 from .budget import fit_budget, sensitivities
 from .calib import CalibSource, load_calibration
 from .config import QuantConfig
@@ -44,8 +45,8 @@ MIN_EVAL, EVAL_SECONDS = 8, 10.0  # the dynamic/weight-only reference stops afte
 #: under it is timed twice and the slower reading decides: one 2 s timing under load once kept the small
 #: ResNet int8 for a benchmarked 1.02x.
 PAYS_BELOW = 0.95
-#: The first layers stay float when that makes the int8 model take at most this share of the all-int8 time,
-#: in two timings (see _float_prefix); at most this many layers are tried.
+#: The first layers stay float (or their input channels are padded) when that makes the int8 model take at most
+#: this share of the all-int8 time, in two timings (see _first_layers); at most this many layers are tried.
 FLOAT_PREFIX_BELOW, MAX_FLOAT_PREFIX = 0.97, 4
 SQNR_SAMPLES = 2  # per-tensor SQNR runs both models with every quantized tensor exposed: a few samples
 
@@ -88,12 +89,13 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     if config.max_error is not None and selected:
         selected = _fit_budget(job, plan, selected, report)
         clock.lap("budget")
+    pad_inputs = False
     if config.latency_aware and selected and config.mode != "weight_only":  # weight-only is for size, not speed
         selected = _pay_or_fall_back(job, plan, selected, report)
         if selected and config.mode == "static":
-            selected = _float_prefix(job, model, plan, selected, report)
+            selected, pad_inputs = _first_layers(job, model, plan, selected, report)
         clock.lap("latency")
-    quantized, inserted = job.build(selected)
+    quantized, inserted = job.build(selected, pad_inputs)
     got = run_outputs(quantized, job.eval_feeds)  # never hand back a model onnxruntime cannot run
     report.output_error = output_errors(job.reference, got)
     report.output_error["metric"] = job.error(got)
@@ -205,22 +207,25 @@ class _Job:
         self.reference = reference
         self.eval_feeds = samples[: len(reference)]
         self.sens_feeds = samples[: min(config.sensitivity_samples, len(reference))]
-        self._last_build: tuple[frozenset[str], QuantConfig, tuple[bytes, Inserted]] | None = None
+        self._last_build: tuple[tuple[frozenset[str], bool], QuantConfig, tuple[bytes, Inserted]] | None = None
 
     @functools.cached_property
     def fp32_session(self) -> ort.InferenceSession:
         """One session of the fp32 model for every latency timing (a GPT-2-base session takes seconds)."""
         return session(self.fp32, label="fp32 model")
 
-    def build(self, selected: set[str]) -> tuple[bytes, Inserted]:
-        """The model with ``selected`` quantized. The last build is kept: the latency checks and the final
-        model ask for the same one in turn."""
-        key = frozenset(selected)
+    def build(self, selected: set[str], pad_inputs: bool = False) -> tuple[bytes, Inserted]:
+        """The model with ``selected`` quantized (and, with ``pad_inputs``, the input channels of convs reading a
+        model input padded, see ``align.py``). The last build is kept: the latency checks and the final model
+        ask for the same one in turn."""
+        key = (frozenset(selected), pad_inputs)
         if self._last_build is not None and self._last_build[0] == key and self._last_build[1] is self.config:
             return self._last_build[2]
         model = graphopt.load(self.fp32)
         if self.config.mode == "static":
             inserted = insert_static(model, selected, self.ranges, self.config)
+            if pad_inputs:
+                pad_input_channels(model)
         elif self.config.mode == "dynamic":
             inserted = insert_dynamic(model, selected, self.config)
         else:
@@ -328,50 +333,60 @@ def _pay_or_fall_back(job: _Job, plan: Plan, selected: set[str], report: QuantRe
             return selected
 
 
-def _float_prefix(job: _Job, model: Model, plan: Plan, selected: set[str], report: QuantReport) -> set[str]:
-    """Give the first layers back to float when the model is then faster (the model's first quantized layer
-    must read a model input).
+def _first_layers(job: _Job, model: Model, plan: Plan, selected: set[str], report: QuantReport
+                  ) -> tuple[set[str], bool]:
+    """How the first quantized layer, when it reads a model input, runs fastest: int8 as inserted, int8 with
+    its input channels padded (``align.py``), or float together with the next few layers. Returns the nodes
+    to quantize and whether to pad.
 
-    That layer sees few channels (an image's 3: an int8 GEMM reducing 27 values) and, int8, has onnxruntime
-    quantize and transpose the raw input; float, it runs in the NCHWc kernel made for it, and the float/int8
-    boundary moves to where the tensor is cheapest to convert. The prefixes of 1 to MAX_FLOAT_PREFIX quantized
-    layers (graph order) are timed together with the all-int8 model; the fastest is kept when it takes at most
-    FLOAT_PREFIX_BELOW of the all-int8 time and PAYS_BELOW of fp32's (``_prefix_pays``) in that timing and in a
-    second one (fresh int8 sessions), so picking the best of several noisy readings cannot decide alone.
+    That layer sees few channels (an image's 3: an int8 GEMM reducing 27 values, off onnxruntime's fast int8
+    conv kernel) and, int8, has onnxruntime quantize and transpose the raw input; float, it runs in the NCHWc
+    kernel made for it, and the float/int8 boundary moves to where the tensor is cheapest to convert. The
+    padded model and the prefixes of 1 to MAX_FLOAT_PREFIX quantized layers (graph order) left float are
+    timed together with the all-int8 one; the fastest is kept when it takes at most FLOAT_PREFIX_BELOW of the
+    all-int8 time and PAYS_BELOW of fp32's (``_variant_pays``) in that timing and in a second one (fresh
+    sessions), so picking the best of several noisy readings cannot decide alone.
     MobileNetV2 (64x64): all-int8 1.23x fp32's speed, the first 3 layers float 1.35x (their int8 kernels with
-    8-16 channels ran slower than float); small ResNet: every prefix slower (stem float 0.89x: its max-pool then
-    runs as a uint8 NCHW kernel)."""
+    8-16 channels ran slower than float). Small ResNet: all-int8 1.31x, padded 1.45x; every prefix slower (stem
+    float 0.89x: its max-pool then runs as a uint8 NCHW kernel)."""
     inputs = {v.name for v in model.graph.inputs}
     order = [n.name for n in model.graph if n.name in selected]
     head = plan.candidates[order[0]] if order else None
     if head is None or not any(head.node.inputs[i].name in inputs for i in head.activations):
-        return selected
-    prefixes = [set(order[:k]) for k in range(1, min(MAX_FLOAT_PREFIX, len(order) - 1) + 1)]
-    if not prefixes:
-        return selected
+        return selected, False
+    all_int8 = job.build(selected)[0]
+    padded = job.build(selected, pad_inputs=True)[0]
+    variants = ([(selected, True, padded, "input channels padded for the int8 conv kernel")]
+                if padded != all_int8 else []) + \
+        [(selected - set(order[:k]), False, job.build(selected - set(order[:k]))[0], f"first {k} layer(s) float")
+         for k in range(1, min(MAX_FLOAT_PREFIX, len(order) - 1) + 1)]
+    if not variants:
+        return selected, False
     feed = job.eval_feeds[0]
-    models = [job.build(selected)[0]] + [job.build(selected - p)[0] for p in prefixes]
-    ratios, ms = interleaved_ratios([job.fp32_session] + [session(m) for m in models], feed)
-    best = min(range(len(prefixes)), key=lambda k: ratios[k + 2])
-    if not _prefix_pays(ratios[best + 2], ratios[1]):
-        return selected
-    again, ms_again = interleaved_ratios([job.fp32_session, session(models[0]), session(models[best + 1])], feed)
-    if not _prefix_pays(again[2], again[1]):
-        return selected
+    ratios, ms = interleaved_ratios([job.fp32_session] + [session(m) for m in [all_int8] + [v[2] for v in variants]],
+                                    feed)
+    best = min(range(len(variants)), key=lambda k: ratios[k + 2])
+    if not _variant_pays(ratios[best + 2], ratios[1]):
+        return selected, False
+    again, ms_again = interleaved_ratios([job.fp32_session, session(all_int8), session(variants[best][2])], feed)
+    if not _variant_pays(again[2], again[1]):
+        return selected, False
     readings = [(ratios[best + 2], ratios[1], ms[best + 2], ms[0]), (again[2], again[1], ms_again[2], ms_again[0])]
-    ratio, all_int8, int8_ms, fp32_ms = max(readings)  # the slower reading decides what is reported
+    ratio, int8_ratio, int8_ms, fp32_ms = max(readings)  # the slower reading decides what is reported
     report.latency_ms, report.latency_ratio = {"quantized": int8_ms, "fp32": fp32_ms}, ratio
-    note = (f"first {best + 1} layer(s) float: the model took {ratio:.2f}x fp32's time ({int8_ms:.3f} vs "
-            f"{fp32_ms:.3f} ms), {ratio / all_int8:.2f}x the all-int8 time")
-    for name in order[:best + 1]:
+    chosen, pad, _, what = variants[best]
+    note = (f"{what}: the model took {ratio:.2f}x fp32's time ({int8_ms:.3f} vs {fp32_ms:.3f} ms), "
+            f"{ratio / int8_ratio:.2f}x the all-int8 time")
+    report.notes += [note] if pad else []
+    for name in sorted(selected - chosen, key=order.index):
         report.kept_float.append(FloatNode(name, plan.candidates[name].node.op_type, LATENCY, note))
-    return selected - prefixes[best]
+    return chosen, pad
 
 
-def _prefix_pays(prefix: float, all_int8: float) -> bool:
-    """A float prefix is kept when its model beats the all-int8 one clearly and still pays against fp32 itself
-    (both ratios are to fp32's time in the same timing)."""
-    return prefix <= FLOAT_PREFIX_BELOW * all_int8 and prefix <= PAYS_BELOW
+def _variant_pays(variant: float, all_int8: float) -> bool:
+    """A variant of the first layers is kept when its model beats the all-int8 one clearly and still pays
+    against fp32 itself (both ratios are to fp32's time in the same timing)."""
+    return variant <= FLOAT_PREFIX_BELOW * all_int8 and variant <= PAYS_BELOW
 
 
 def _activation_errors(fp32: bytes, quantized: bytes, inserted: Inserted, feeds) -> list[LayerError]:
@@ -387,7 +402,8 @@ def _activation_errors(fp32: bytes, quantized: bytes, inserted: Inserted, feeds)
         for name, dq in zip(names, dq_names, strict=True):
             r = np.asarray(ref[name], np.float64)
             signal[name] += float(np.vdot(r, r))
-            noise[name] += float(np.sum((r - got[dq]) ** 2))
+            q = np.asarray(got[dq])[tuple(slice(0, n) for n in r.shape)]  # without channels align.py padded
+            noise[name] += float(np.sum((r - q) ** 2))
     rows = []
     for name in names:
         dq, cand, qp = inserted.activations[name]

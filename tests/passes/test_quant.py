@@ -16,6 +16,7 @@ import graphopt
 import graphopt.cli
 from graphopt.ir import verify
 from graphopt.passes.quant import QuantConfig, quantize
+from graphopt.passes.quant.align import has_conv_sym_kernels
 from graphopt.passes.quant.api import PAYS_BELOW
 from graphopt.passes.quant.evaluate import output_errors, run_outputs
 from graphopt.passes.quant.optable import saturating_u8s8
@@ -150,38 +151,43 @@ def test_one_lucky_timing_does_not_keep_int8(zoo, digits, monkeypatch):
     assert all(f.reason == "latency" for f in report.kept_float)
 
 
-# (all-int8 time / fp32's in these timings, the prefixes' in the first, the best prefix's in the second,
-#  layers kept float)
-@pytest.mark.parametrize("base, prefixes, again, expected", [(0.8, [0.75, 0.70, 0.78, 0.9], 0.72, 2),
-                                                             (0.8, [0.70, 0.78, 0.79, 0.9], 0.80, 0),
-                                                             (0.8, [0.79, 0.78, 0.79, 0.9], None, 0),
-                                                             (1.0, [0.96, 0.97, 0.99, 0.99], None, 0)])
-def test_the_first_layers_go_float_only_when_timed_faster_twice(zoo, digits, monkeypatch, base, prefixes, again,
-                                                                expected):
-    """int8 pays (0.8x fp32 in the check); a prefix of float layers is kept only when the fastest one takes at
-    most FLOAT_PREFIX_BELOW of the all-int8 time, and pays against fp32 itself, in the timing of all of them
-    and again alone (last case: 0.96 beats an all-int8 reading of 1.0 but does not pay)."""
+# (all-int8 time / fp32's in these timings; the variants' in the first: the padded stem, then 1-4 layers float;
+#  the best variant's in the second; which one is kept)
+@pytest.mark.parametrize("base, variants, again, expected", [(0.8, [0.79, 0.75, 0.70, 0.78, 0.9], 0.72, 2),
+                                                             (0.8, [0.70, 0.78, 0.79, 0.79, 0.9], 0.72, "pad"),
+                                                             (0.8, [0.79, 0.70, 0.78, 0.79, 0.9], 0.80, None),
+                                                             (0.8, [0.79, 0.79, 0.78, 0.79, 0.9], None, None),
+                                                             (1.0, [0.99, 0.96, 0.97, 0.99, 0.99], None, None)])
+def test_the_first_layers_change_only_when_timed_faster_twice(zoo, digits, monkeypatch, base, variants, again,
+                                                              expected):
+    """int8 pays (0.8x fp32 in the check); the stem's input channels padded, or a prefix of float layers, is
+    kept only when the fastest variant takes at most FLOAT_PREFIX_BELOW of the all-int8 time, and pays against
+    fp32 itself, in the timing of all of them and again alone (last case: 0.96 beats an all-int8 reading of 1.0
+    but does not pay)."""
+    if not has_conv_sym_kernels():
+        pytest.skip("input channels are padded for x86's int8 conv kernel only")
     calls = []
 
     def fake_ratios(sessions, feed):
         calls.append(len(sessions))
-        trials = prefixes if len(calls) == 1 else [again]
+        trials = variants if len(calls) == 1 else [again]
         return [1.0, base, *trials], [1.0, base, *trials]
 
     monkeypatch.setattr("graphopt.passes.quant.api.paired_latency",
                         lambda model, baseline, feed: (0.8, {"quantized": 0.8, "fp32": 1.0}))
     monkeypatch.setattr("graphopt.passes.quant.api.interleaved_ratios", fake_ratios)
     model, report = quantize(str(zoo.build("digits_cnn_dynamo")), digits["calib"], QuantConfig())
-    assert calls == [2 + 4] + ([] if again is None else [3])  # fp32, all-int8, prefixes of 1-4 layers
+    assert calls == [2 + 5] + ([] if again is None else [3])  # fp32, all-int8, padded, 1-4 layers float
     floats = [f for f in report.kept_float if f.reason == "latency"]
-    assert len(floats) == expected and report.quantized_nodes > 0
+    assert len(floats) == (expected if isinstance(expected, int) else 0) and report.quantized_nodes > 0
     stem_int8 = any(n.op_type == "QuantizeLinear" and n.inputs[0].name == "images" for n in model.graph)
-    assert stem_int8 == (expected == 0)
-    if expected:
+    assert stem_int8 == (expected != 2)
+    assert any(n.op_type == "Pad" for n in model.graph) == (expected == "pad")
+    if expected == 2:
         assert floats[0].op_type == "Conv" and "first 2 layer(s) float" in floats[0].detail
-        assert report.latency_ratio == max(again, prefixes[expected - 1])
-    else:
-        assert report.latency_ratio == 0.8
+    if expected == "pad":
+        assert any("input channels padded" in note for note in report.notes)
+    assert report.latency_ratio == (0.8 if expected is None else max(again, variants[2 if expected == 2 else 0]))
 
 
 def test_cli_quantize_writes_a_runnable_model_and_json(zoo, digits, tmp_path, capsys):
