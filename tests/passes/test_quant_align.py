@@ -66,6 +66,15 @@ def test_convs_the_kernel_would_not_take_are_left_alone(in_channels, out_channel
     assert not any(n.op_type == "Pad" for n in model.graph)
 
 
+def test_int8_activations_are_not_padded():
+    """Their S8S8 kernels round differently with and without padding; only uint8 ones give the same outputs."""
+    proto = conv_model(3, 16)
+    calib = samples((1, 3, 8, 8))
+    model, _ = quantize(proto, calib, QuantConfig(latency_aware=False, fuse=False, activation_type="int8"))
+    assert input_convs_to_pad(model) == [] and pad_input_channels(model) == []
+    assert not any(n.op_type == "Pad" for n in model.graph)
+
+
 @pytest.mark.parametrize("name", ["resnet_dynamo", "mobilenet_torchscript"])
 def test_exported_stems_are_padded_exactly(zoo, name):
     calib = [zoo.make_inputs(zoo.MODELS[name], seed=i) for i in range(4)]
