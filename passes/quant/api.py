@@ -347,7 +347,7 @@ def _first_layers(job: _Job, model: Model, plan: Plan, selected: set[str], repor
     all-int8 time and PAYS_BELOW of fp32's (``_variant_pays``) in that timing and in a second one (fresh
     sessions), so picking the best of several noisy readings cannot decide alone.
     MobileNetV2 (64x64): all-int8 1.23x fp32's speed, the first 3 layers float 1.35x (their int8 kernels with
-    8-16 channels ran slower than float). Small ResNet: all-int8 1.31x, padded 1.45x; every prefix slower (stem
+    8-16 channels ran slower than float). Small ResNet: all-int8 1.31x, padded 1.41-1.47x; every prefix slower (stem
     float 0.89x: its max-pool then runs as a uint8 NCHW kernel)."""
     inputs = {v.name for v in model.graph.inputs}
     order = [n.name for n in model.graph if n.name in selected]
