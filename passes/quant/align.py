@@ -1,15 +1,22 @@
-"""Input channels padded to what onnxruntime's fast int8 convolution needs.
+"""The layouts onnxruntime's int8 CPU kernels want, written into the QDQ model. Both rewrites change no
+output value (tests compare them bit for bit).
 
-On x86, onnxruntime runs a QLinearConv with symmetric int8 weights (ours) through MLAS's ``ConvSym``
-kernels (AVX2, AVX-VNNI, AVX-512 VNNI) only when its input channels are a multiple of 4 and its output
-channels at least 16 and a multiple of 4 (``MlasConvSymPackWSize``); any other conv falls back to an
-im2col + int8 GEMM. An image model's stem reads 3 channels (a digits model's, 1), so it always fell back.
-Padding the quantized image with zero-point channels, and the int8 weights with zero input channels,
-changes no output value (the padded channels meet zero weights) and moves the stem onto the fast kernel:
-the small ResNet's stem took 44 instead of 80 us (onnxruntime's profile, AVX-512 VNNI). The padding is a
-uint8 ``Pad`` between the input's QuantizeLinear and the conv's own DequantizeLinear, so other readers of
-the input are unchanged. Whether it pays is timed (``api._first_layers``): on the digits CNN's 8x8 image the
-extra node cost more than the kernel saved.
+**Input channels padded.** On x86, onnxruntime runs a QLinearConv with symmetric int8 weights (ours) through
+MLAS's ``ConvSym`` kernels (AVX2, AVX-VNNI, AVX-512 VNNI) only when its input channels are a multiple of 4 and
+its output channels at least 16 and a multiple of 4 (``MlasConvSymPackWSize``); any other conv falls back to
+an im2col + int8 GEMM. An image model's stem reads 3 channels (a digits model's, 1), so it always fell back.
+The quantized image gets zero-point channels (a uint8 ``Pad`` between the input's QuantizeLinear and the
+conv's own DequantizeLinear, so other readers of the input are unchanged) and the int8 weights zero input
+channels: the small ResNet's stem took 44 instead of 80 us (onnxruntime's profile, AVX-512 VNNI). Whether it
+pays is timed (``api._first_layers``): on the digits CNN's 8x8 image the extra node cost more than it saved.
+
+**Flatten in channels-last order.** onnxruntime runs QLinearConv, max-pooling and global average pooling in
+NHWC and puts a Transpose back to NCHW in front of the first op that needs the layout, the classifier's
+Flatten: a uint8 transpose of the activation (6.7 of the digits CNN's 31 us, profile). Flattening NHWC gives
+the same values in another order, so the classifier's weights are permuted to match and a
+``Transpose(0, 2, 3, 1)`` goes before the Flatten, in the int8 domain (its Q/DQ share the scale), which
+onnxruntime cancels against its own. The digits CNN ran 0.95x the time; a 1x1 pooled tail (ResNet,
+MobileNet) loses its Transpose with no weight change at all.
 """
 
 from __future__ import annotations
@@ -111,3 +118,108 @@ def _nonzero(zero_points) -> bool:
 def _const(graph, array: np.ndarray, hint: str) -> Value:
     name = graph.fresh_name(hint)
     return graph.add_initializer(ArrayTensor(array, name))
+
+
+#: int8 ops onnxruntime's NHWC transformer runs channels-last (their Q is fused into them)
+CHANNELS_LAST = {"Conv", "MaxPool", "GlobalAveragePool", "AveragePool"}
+
+
+def flatten_channels_last(model: Model) -> list[str]:
+    """Rewrite every int8 Flatten -> Gemm/MatMul fed by a channels-last op; returns the Flattens' outputs,
+    whose values are now in (h, w, c) order."""
+    graph = model.graph
+    done = []
+    for flat in list(graph):
+        found = _match(flat)
+        if found is None:
+            continue
+        dq, linear, w_dq, (channels, height, width) = found
+        scale, zero_point = dq.inputs[1], dq.inputs[2]
+        nhwc = Node("Transpose", [dq.outputs[0]], {"perm": [0, 2, 3, 1]},
+                    outputs=[graph.fresh_name(f"{flat.name}_nhwc")], name=graph.fresh_name(f"{flat.name}_nhwc"))
+        q = Node("QuantizeLinear", [nhwc.outputs[0], scale, zero_point],
+                 outputs=[graph.fresh_name(f"{flat.name}_nhwc_q")], name=graph.fresh_name(f"{flat.name}_nhwc_q"))
+        back = Node("DequantizeLinear", [q.outputs[0], scale, zero_point],
+                    outputs=[graph.fresh_name(f"{flat.name}_nhwc_dq")], name=graph.fresh_name(f"{flat.name}_nhwc_dq"))
+        graph.insert_before(flat, [nhwc, q, back])
+        flat.set_input(0, back.outputs[0])
+        if height * width > 1:
+            _permute_weight(graph, linear, w_dq, channels, height, width)
+        done.append(flat.outputs[0].name)
+    return done
+
+
+def _match(flat: Node) -> tuple[Node, Node, Node, tuple[int, int, int]] | None:
+    """(the Flatten's input DQ, the Gemm/MatMul, its weight DQ, (C, H, W)) when ``flat`` qualifies."""
+    if flat.op_type not in ("Flatten", "Reshape") or flat.domain not in ("", "ai.onnx"):
+        return None
+    dq = flat.inputs[0].producer
+    q = dq.inputs[0].producer if _is_dq(dq) else None
+    source = q.inputs[0] if q is not None and q.op_type == "QuantizeLinear" else None
+    if source is None or source.producer is None or source.producer.op_type not in CHANNELS_LAST or \
+            not _reads_int8(source.producer):
+        return None
+    shape = source.shape  # the float value's (Q/DQ outputs carry no shape)
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or \
+            not _flattens_to_2d(flat, shape):
+        return None
+    linear = _int8_linear_reading(flat.outputs[0])
+    if linear is None:
+        return None
+    node, w_dq = linear
+    return dq, node, w_dq, tuple(shape[1:])
+
+
+def _flattens_to_2d(node: Node, shape: tuple) -> bool:
+    """Flatten(axis=1), or a Reshape of the [N, C, H, W] ``shape`` to [N, C*H*W]."""
+    if node.op_type == "Flatten":
+        return node.attr("axis", 1) == 1
+    if not is_const(node.inputs[1]):
+        return False
+    target = [int(d) for d in node.inputs[1].const.numpy().reshape(-1)]
+    features = int(np.prod(shape[1:]))
+    return len(target) == 2 and target[1] in (-1, features) and (target[0] in (-1, 0) or target[0] == shape[0])
+
+
+def _int8_linear_reading(value: Value) -> tuple[Node, Node] | None:
+    """The Gemm/MatMul (and its int8 weight's DQ) that alone reads ``value`` through one Q/DQ pair."""
+    if len(value.uses()) != 1 or value.is_graph_output():
+        return None
+    q = value.users()[0]
+    if q.op_type != "QuantizeLinear" or len(q.outputs[0].uses()) != 1:
+        return None
+    dq = q.outputs[0].users()[0]
+    if not _is_dq(dq) or len(dq.outputs[0].uses()) != 1:
+        return None
+    node, index = dq.outputs[0].uses()[0]
+    if index != 0 or node.op_type not in ("Gemm", "MatMul") or node.attr("transA", 0):
+        return None
+    w_dq = node.inputs[1].producer
+    if not _is_dq(w_dq) or not is_const(w_dq.inputs[0]) or len(w_dq.inputs[0].shape) != 2:
+        return None
+    return node, w_dq
+
+
+def _permute_weight(graph, linear: Node, w_dq: Node, channels: int, height: int, width: int) -> None:
+    """Reorder the weight's input features from (c, h, w) to (h, w, c) order, on a copy if it is shared."""
+    order = np.arange(channels * height * width).reshape(channels, height, width).transpose(1, 2, 0).reshape(-1)
+    w = w_dq.inputs[0].const.numpy()
+    by_columns = linear.op_type == "Gemm" and linear.attr("transB", 0)
+    permuted = w[:, order] if by_columns else w[order, :]
+    name = graph.fresh_name(f"{w_dq.inputs[0].name}_nhwc")
+    attrs = {"axis": w_dq.attr("axis")} if w_dq.attr("axis") is not None else {}
+    new_dq = Node("DequantizeLinear", [graph.add_initializer(ArrayTensor(permuted, name)), *w_dq.inputs[1:]], attrs,
+                  outputs=[graph.fresh_name(f"{name}_dq")], name=graph.fresh_name(f"{name}_dq"))
+    graph.insert_before(linear, new_dq)
+    linear.set_input(1, new_dq.outputs[0])
+    if not w_dq.outputs[0].has_uses():
+        old = w_dq.inputs[0].name
+        graph.erase(w_dq)
+        if not graph.initializers[old].has_uses():
+            graph.remove_initializer(old)
+
+
+def _reads_int8(node: Node) -> bool:
+    """The op is quantized: onnxruntime fuses it into an int8 kernel when its data input comes through a DQ."""
+    return node.inputs[0] is not None and node.inputs[0].producer is not None and \
+        node.inputs[0].producer.op_type == "DequantizeLinear"

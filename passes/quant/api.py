@@ -21,7 +21,7 @@ from graphopt.onnx_io import ModelLike, to_bytes, to_proto
 from graphopt.passes.prune.calib import run_exposed
 from graphopt.pipeline import PassContext, get_pass
 
-from .align import pad_input_channels
+from .align import flatten_channels_last, pad_input_channels
 from .budget import fit_budget, sensitivities
 from .calib import CalibSource, load_calibration
 from .config import QuantConfig
@@ -224,6 +224,8 @@ class _Job:
         model = graphopt.load(self.fp32)
         if self.config.mode == "static":
             inserted = insert_static(model, selected, self.ranges, self.config)
+            for name in flatten_channels_last(model):
+                inserted.activations.pop(name, None)  # reordered: its input's row has the same error
             if pad_inputs:
                 pad_input_channels(model)
         elif self.config.mode == "dynamic":

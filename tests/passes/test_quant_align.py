@@ -1,5 +1,6 @@
-"""Input channels padded for onnxruntime's int8 conv kernel (passes/quant/align.py): which convs qualify,
-and that the padded model computes exactly what the unpadded one does."""
+"""The int8 layout rewrites of passes/quant/align.py: a stem's input channels padded for onnxruntime's int8
+conv kernel (which convs qualify) and the classifier's Flatten in channels-last order; each model computes
+exactly what it computed before."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from graphopt.passes.quant.align import has_conv_sym_kernels, input_convs_to_pad
 from tests.passes.test_quant import ort_ops
 from tests.passes.test_quant_units import RNG, make_model, samples, tensor
 
-pytestmark = pytest.mark.skipif(not has_conv_sym_kernels(), reason="padding is for x86's int8 conv kernel")
+x86_only = pytest.mark.skipif(not has_conv_sym_kernels(), reason="padding is for x86's int8 conv kernel")
 
 
 def conv_model(in_channels: int, out_channels: int, group: int = 1, inner: bool = False):
@@ -36,6 +37,7 @@ def quantized(proto):
     return model, calib
 
 
+@x86_only
 @pytest.mark.parametrize("in_channels", [1, 3, 6])
 def test_padding_changes_no_output_and_keeps_the_int8_conv(in_channels):
     model, calib = quantized(conv_model(in_channels, 16))
@@ -53,6 +55,7 @@ def test_padding_changes_no_output_and_keeps_the_int8_conv(in_channels):
     assert "QLinearConv" in ort_ops(after) and "Conv" not in ort_ops(after)
 
 
+@x86_only
 @pytest.mark.parametrize("in_channels, out_channels, group, inner", [
     (4, 16, 1, False),   # already a multiple of 4
     (3, 8, 1, False),    # too few output channels for the kernel: padding buys nothing
@@ -66,6 +69,7 @@ def test_convs_the_kernel_would_not_take_are_left_alone(in_channels, out_channel
     assert not any(n.op_type == "Pad" for n in model.graph)
 
 
+@x86_only
 def test_int8_activations_are_not_padded():
     """Their S8S8 kernels round differently with and without padding; only uint8 ones give the same outputs."""
     proto = conv_model(3, 16)
@@ -75,6 +79,7 @@ def test_int8_activations_are_not_padded():
     assert not any(n.op_type == "Pad" for n in model.graph)
 
 
+@x86_only
 @pytest.mark.parametrize("name", ["resnet_dynamo", "mobilenet_torchscript"])
 def test_exported_stems_are_padded_exactly(zoo, name):
     calib = [zoo.make_inputs(zoo.MODELS[name], seed=i) for i in range(4)]
@@ -84,3 +89,50 @@ def test_exported_stems_are_padded_exactly(zoo, name):
     a, b = ort.InferenceSession(before), ort.InferenceSession(graphopt.to_bytes(model))
     for feed in calib:
         np.testing.assert_array_equal(a.run(None, feed)[0], b.run(None, feed)[0])
+
+
+def classifier_model(flatten: str, linear: str, spatial: int = 2):
+    """x -> Conv -> Relu -> MaxPool -> Flatten|Reshape -> Gemm(transB=1)|Gemm|MatMul -> y."""
+    channels, features = 8, 8 * spatial * spatial
+    w = (RNG.standard_normal((channels, 3, 3, 3)) / 5).astype(np.float32)
+    fc = (RNG.standard_normal((10, features)) / 5).astype(np.float32)
+    inits = {"w": w, "fc": fc if linear == "gemm_t" else np.ascontiguousarray(fc.T)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool")]
+    if flatten == "flatten":
+        nodes.append(helper.make_node("Flatten", ["p"], ["f"], name="flat"))
+    else:
+        inits["shape"] = np.array([-1, features], np.int64)
+        nodes.append(helper.make_node("Reshape", ["p", "shape"], ["f"], name="flat"))
+    nodes.append(helper.make_node("MatMul", ["f", "fc"], ["y"], name="fc") if linear == "matmul" else
+                 helper.make_node("Gemm", ["f", "fc"], ["y"], transB=int(linear == "gemm_t"), name="fc"))
+    return make_model(nodes, [tensor("x", [1, 3, 2 * spatial, 2 * spatial])], [tensor("y", [1, 10])], inits)
+
+
+@pytest.mark.parametrize("flatten, linear, spatial", [("flatten", "gemm_t", 2), ("reshape", "gemm", 2),
+                                                      ("flatten", "matmul", 2), ("flatten", "gemm_t", 1)])
+def test_flatten_channels_last_is_exact_and_saves_a_transpose(monkeypatch, flatten, linear, spatial):
+    proto = classifier_model(flatten, linear, spatial)
+    calib = samples((1, 3, 2 * spatial, 2 * spatial))
+    config = QuantConfig(latency_aware=False)  # fusing also infers the shapes the rewrite reads
+    rewritten, _ = quantize(proto, calib, config)
+    monkeypatch.setattr("graphopt.passes.quant.api.flatten_channels_last", lambda model: [])
+    plain, _ = quantize(proto, calib, config)
+    a, b = graphopt.to_bytes(plain), graphopt.to_bytes(rewritten)
+    verify(rewritten)
+    assert [n.op_type for n in rewritten.graph].count("Transpose") == 1
+    assert not any(n.op_type == "Transpose" for n in plain.graph)
+    assert ort_ops(b)["Transpose"] == ort_ops(a)["Transpose"] - 1  # onnxruntime's own one back to NCHW is gone
+    sa, sb = ort.InferenceSession(a), ort.InferenceSession(b)
+    for feed in calib[:4]:
+        np.testing.assert_array_equal(sa.run(None, feed)[0], sb.run(None, feed)[0])
+
+
+def test_flatten_after_a_float_op_is_left_alone():
+    """With the conv and pool float, the Flatten's input is NCHW in onnxruntime: a Transpose would cost a node."""
+    proto = classifier_model("flatten", "gemm_t")
+    model, report = quantize(proto, samples((1, 3, 4, 4)), QuantConfig(latency_aware=False,
+                                                                      nodes_to_exclude=["conv", "pool"]))
+    assert report.quantized_nodes == 1  # the classifier alone
+    assert not any(n.op_type == "Transpose" for n in model.graph)
