@@ -67,20 +67,12 @@ def pad_input_channels(model: Model) -> list[str]:
         w = w_dq.inputs[0].const.numpy()
         wide = np.zeros((w.shape[0], w.shape[1] + extra, *w.shape[2:]), w.dtype)
         wide[:, : w.shape[1]] = w
-        w_attrs = {"axis": w_dq.attr("axis")} if w_dq.attr("axis") is not None else {}
-        w_wide = Node("DequantizeLinear", [_const(graph, wide, f"{w_dq.inputs[0].name}_padded"), *w_dq.inputs[1:]],
-                      w_attrs, outputs=[graph.fresh_name(f"{conv.name}_weight_padded")],
-                      name=graph.fresh_name(f"{conv.name}_weight_dq"))
-        graph.insert_before(conv, w_wide)
-        conv.set_input(1, w_wide.outputs[0])
-        for old, new in ((x_dq, dq), (w_dq, w_wide)):
-            if not old.outputs[0].has_uses() and not old.outputs[0].is_graph_output():
-                name = old.outputs[0].name
-                graph.erase(old)
-                new.outputs[0].name = name  # the report's per-tensor rows name the DQ outputs
+        _replace_weight(graph, conv, w_dq, wide, "padded")
+        if not x_dq.outputs[0].has_uses() and not x_dq.outputs[0].is_graph_output():
+            name = x_dq.outputs[0].name
+            graph.erase(x_dq)
+            dq.outputs[0].name = name  # the report's per-tensor rows name the DQ outputs
         padded.append(conv.name)
-    for name in [n for n, v in graph.initializers.items() if not v.has_uses() and not v.is_graph_output()]:
-        graph.remove_initializer(name)
     return padded
 
 
@@ -201,22 +193,27 @@ def _int8_linear_reading(value: Value) -> tuple[Node, Node] | None:
 
 
 def _permute_weight(graph, linear: Node, w_dq: Node, channels: int, height: int, width: int) -> None:
-    """Reorder the weight's input features from (c, h, w) to (h, w, c) order, on a copy if it is shared."""
+    """Reorder the weight's input features from (c, h, w) to (h, w, c) order."""
     order = np.arange(channels * height * width).reshape(channels, height, width).transpose(1, 2, 0).reshape(-1)
     w = w_dq.inputs[0].const.numpy()
     by_columns = linear.op_type == "Gemm" and linear.attr("transB", 0)
-    permuted = w[:, order] if by_columns else w[order, :]
-    name = graph.fresh_name(f"{w_dq.inputs[0].name}_nhwc")
+    _replace_weight(graph, linear, w_dq, w[:, order] if by_columns else w[order, :], "nhwc")
+
+
+def _replace_weight(graph, node: Node, w_dq: Node, array: np.ndarray, tag: str) -> None:
+    """``node`` reads ``array`` (int8, same scales and zero points) through a DequantizeLinear of its own; the
+    old one and its constant go when nothing else reads them (a shared weight keeps its other readers)."""
     attrs = {"axis": w_dq.attr("axis")} if w_dq.attr("axis") is not None else {}
-    new_dq = Node("DequantizeLinear", [graph.add_initializer(ArrayTensor(permuted, name)), *w_dq.inputs[1:]], attrs,
-                  outputs=[graph.fresh_name(f"{name}_dq")], name=graph.fresh_name(f"{name}_dq"))
-    graph.insert_before(linear, new_dq)
-    linear.set_input(1, new_dq.outputs[0])
+    weight = _const(graph, array, f"{w_dq.inputs[0].name}_{tag}")
+    new_dq = Node("DequantizeLinear", [weight, *w_dq.inputs[1:]], attrs,
+                  outputs=[graph.fresh_name(f"{weight.name}_dq")], name=graph.fresh_name(f"{weight.name}_dq"))
+    graph.insert_before(node, new_dq)
+    node.set_input(1, new_dq.outputs[0])
     if not w_dq.outputs[0].has_uses():
-        old = w_dq.inputs[0].name
+        old = w_dq.inputs[0]
         graph.erase(w_dq)
-        if not graph.initializers[old].has_uses():
-            graph.remove_initializer(old)
+        if not old.has_uses() and not old.is_graph_output():
+            graph.remove_initializer(old.name)
 
 
 def _reads_int8(node: Node) -> bool:
