@@ -190,8 +190,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _print_verify(report, args.json)
         return 0 if report.ok else EXIT_MISMATCH
     with step("running both models in onnxruntime"):
-        report = verify_models(args.original, args.candidate, inputs=_user_inputs(args),
-                               shapes=parse_shapes(args.shape), rtol=args.rtol, atol=args.atol)
+        try:
+            report = verify_models(args.original, args.candidate, inputs=_user_inputs(args),
+                                   shapes=parse_shapes(args.shape), rtol=args.rtol, atol=args.atol)
+        except GraphoptError:
+            load(args.original)  # a broken file: graphopt's message names the nodes (a dangling edge's reader)
+            raise
+    if report.error and not report.outputs and os.path.isfile(args.candidate):
+        load(args.candidate)  # the same for a candidate onnxruntime could not load; else the report says why
     _print_verify(report, args.json)
     return 0 if report.ok else EXIT_MISMATCH
 

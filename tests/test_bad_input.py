@@ -152,3 +152,17 @@ def test_console_script_exits_cleanly_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "error:" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 3
+
+
+@pytest.mark.parametrize("side", ["original", "candidate"])
+def test_verify_names_the_node_of_a_broken_model(tmp_path, capsys, side):
+    """verify reads its files through graphopt's loader first: onnxruntime's own message names no node."""
+    good = tmp_path / "good.onnx"
+    onnx.save(small_model(), good)
+    broken = small_model()
+    broken.graph.node[1].input[0] = "nowhere"
+    bad = unchecked(broken, tmp_path / "bad.onnx")
+    args = ["verify", bad, str(good)] if side == "original" else ["verify", str(good), bad]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "dangling edge" in err and "relu_1" in err and "nowhere" in err
