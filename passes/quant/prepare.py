@@ -23,7 +23,8 @@ def spatial_means_to_pooling(model: Model) -> int:
                     name=graph.fresh_name(f"{node.name}_pool"))
         graph.insert_before(node, pool)
         new = pool.outputs[0]
-        new.type = TensorType(x.elem_type, (*x.shape[:2], 1, 1))  # later layout rewrites read its dims
+        if x.elem_type:
+            new.type = TensorType(x.elem_type, (*x.shape[:2], 1, 1))  # later layout rewrites read its dims
         if not node.attr("keepdims", 1):
             flat = Node("Flatten", [new], {"axis": 1}, outputs=[graph.fresh_name(f"{out.name}_flat")],
                         name=graph.fresh_name(f"{node.name}_flatten"))
