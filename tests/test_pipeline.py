@@ -66,6 +66,13 @@ def test_disabled_passes_do_not_run():
     assert "remove-identity" not in result.pipeline.stats
 
 
+def test_disabling_an_unknown_pass_is_an_error():
+    """A misspelt name would otherwise disable nothing without a word."""
+    with pytest.raises(GraphoptError, match="cannot disable unknown pass 'remove-identiy'") as err:
+        optimize(graphopt.load(parse(MODEL)), disable=["remove-identiy"])
+    assert "remove-identity" in str(err.value)  # the hint lists what exists
+
+
 @model_pass("break-sigmoid")
 def break_sigmoid(model, ctx):
     """Replace Sigmoid with Tanh: changes the numbers, keeps the graph well formed."""

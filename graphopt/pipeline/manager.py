@@ -7,11 +7,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from ..errors import GraphoptError
 from ..ir import Model
 from .base import Pass, PassResult
 from .context import PassContext
 from .instruments import Instrument, PassStats, TimingInstrument
-from .registry import default_pipeline, get_pass
+from .registry import available_passes, default_pipeline, get_pass
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ class PassManager:
         names = default_pipeline() if passes is None else passes
         self.ctx = ctx or PassContext()
         self.passes = [p if isinstance(p, Pass) else get_pass(p) for p in names]
+        known = set(available_passes()) | {p.name for p in self.passes}
+        if unknown := sorted(self.ctx.disabled - known):  # a typo would otherwise disable nothing, silently
+            raise GraphoptError(f"cannot disable unknown pass {unknown[0]!r}",
+                                hint=f"available passes: {', '.join(sorted(known))}")
         self.passes = [p for p in self.passes if p.name not in self.ctx.disabled]
 
     def run(self, model: Model) -> PipelineReport:
