@@ -190,6 +190,7 @@ class Rule:
                 renames.append((new, old.name, old.type))
             old.replace_all_uses_with(new, include_graph_outputs=True)
         _erase_dead(graph, match.nodes)
+        _inherit_names(builder.nodes, match.nodes)
         for new, name, type_ in renames:
             new.name, new.type = name, type_ or new.type
         if reorder:
@@ -217,6 +218,21 @@ def _identity(graph: Graph, anchor: Node, value: Value) -> Value:
     node = Node("Identity", [value], outputs=[graph.fresh_name(f"{value.name}/out")])
     graph.insert_before(anchor, node)
     return node.outputs[0]
+
+
+def _inherit_names(built: list[Node], matched: list[Node]) -> None:
+    """A new node takes the name of the erased matched node of its op type when each side has exactly one:
+    the Conv that absorbed a BatchNormalization is still the layer users name (``--exclude``, profiles)."""
+    def by_op(nodes: list[Node]) -> dict[tuple[str, str], list[Node]]:
+        groups: dict[tuple[str, str], list[Node]] = {}
+        for node in nodes:
+            groups.setdefault((node.domain or "", node.op_type), []).append(node)
+        return groups
+
+    erased = by_op([n for n in matched if n.graph is None])
+    for key, new in by_op(built).items():
+        if len(new) == 1 and len(erased.get(key, ())) == 1 and erased[key][0].name:
+            new[0].name = erased[key][0].name
 
 
 def _erase_dead(graph: Graph, nodes: list[Node]) -> None:

@@ -64,6 +64,10 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     clock = _Clock()
     model = graphopt.load(to_bytes(model) if isinstance(model, Model) else model)
     samples = load_calibration(calib, model, config.calib_samples)  # checked before any work
+    exported = {n.name for n in model.nodes()}
+    if missing := sorted(set(config.nodes_to_exclude) - exported):
+        raise GraphoptError(f"no node named {missing[0]!r} to exclude",
+                            hint="give node names as `graphopt inspect --json` or Netron show them")
     if config.fuse:
         # Packed-QKV Attention computes its projections inside one float op; left as MatMuls feeding
         # MultiHeadAttention they can be quantized (a quarter of a transformer layer's MACs). The FFN padding
@@ -78,6 +82,9 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     fp32 = to_bytes(model)
     report = QuantReport(config.mode, config.method if config.mode == "static" else "-", config.activation_type,
                          config.per_channel, len(samples), max_error=config.max_error)
+    fused_away = sorted(set(config.nodes_to_exclude) - {n.name for n in model.nodes()})
+    report.notes += [f"--exclude {name}: fused with its neighbours into a differently named op, which may be "
+                     "quantized; exclude that op's name (`graphopt optimize` output) instead" for name in fused_away]
     plan, ranges, reference = _plan_and_ranges(model, samples, config)
     clock.lap("calibrate")
     job = _Job(fp32, config, ranges, samples, reference)

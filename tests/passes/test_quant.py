@@ -294,3 +294,14 @@ def test_dynamic_keeps_the_most_accurate_weight_scheme(zoo):
     got = run_outputs(graphopt.to_bytes(model), calib)
     assert 1 - output_errors(run_outputs(str(zoo.build(name)), calib), got)["cosine"] == pytest.approx(
         errors[kept], rel=0.01, abs=1e-7)
+
+
+def test_exclude_takes_the_exported_name_of_a_fused_conv(zoo, digits):
+    """TorchScript's conv is fused with its BatchNormalization before quantizing; excluding it by the name
+    the export gave it must still keep that conv float."""
+    path = str(zoo.build("digits_cnn_torchscript"))
+    conv = [n.name for n in onnx.load(path).graph.node if n.op_type == "Conv"][1]
+    model, report = quantize(path, digits["calib"], QuantConfig(latency_aware=False, nodes_to_exclude=[conv]))
+    assert [(f.node, f.reason) for f in report.kept_float] == [(conv, "excluded")]
+    node = next(n for n in model.graph if n.name == conv)
+    assert node.op_type == "Conv" and node.inputs[1].producer is None  # float weights, no DequantizeLinear

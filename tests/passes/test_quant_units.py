@@ -205,6 +205,23 @@ def test_a_sample_the_model_cannot_run_is_named():
     assert "graphopt bug" not in str(err.value)
 
 
+def test_exclude_names_an_existing_node():
+    with pytest.raises(graphopt.GraphoptError, match="no node named 'mm3' to exclude"):
+        quantize(shared_weight_model(), samples((4, 32)), QuantConfig(nodes_to_exclude=["mm1", "mm3"]))
+
+
+def test_excluding_a_node_fused_under_another_name_is_reported():
+    """MatMul + Add becomes a Gemm named by the fusion: the exported MatMul's name no longer exists."""
+    w = (RNG.standard_normal((32, 16)) / 6).astype(np.float32)
+    b = RNG.standard_normal(16).astype(np.float32)
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                        helper.make_node("Add", ["h", "b"], ["y"], name="bias")],
+                       [tensor("x", [4, 32])], [tensor("y", [4, 16])], {"w": w, "b": b})
+    model, report = quantize(proto, samples((4, 32)), QuantConfig(latency_aware=False, nodes_to_exclude=["mm"]))
+    assert [n.op_type for n in model.graph if n.op_type in ("Gemm", "MatMul")] == ["Gemm"]
+    assert any(note.startswith("--exclude mm: fused") for note in report.notes)
+
+
 def test_config_errors_are_user_errors():
     with pytest.raises(graphopt.GraphoptError, match="unknown method"):
         quantize(shared_weight_model(), samples((4, 32)), QuantConfig(method="kl"))

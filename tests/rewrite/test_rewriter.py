@@ -193,3 +193,32 @@ def test_rule_sets_compose_and_reject_duplicate_names():
     assert [r.name for r in a + b] == ["swish", "relu-relu"]
     with pytest.raises(ValueError, match="duplicate"):
         a + a
+
+
+def test_a_replacement_node_keeps_the_name_of_the_matched_node_it_stands_for():
+    """One new node of an erased matched node's op type takes its name (a Conv that absorbed a BatchNorm is
+    still the layer users exclude or profile by name); with two candidates, or none, it gets a fresh one."""
+    from onnx import TensorProto, helper
+
+    def model_with(nodes):
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+        return graphopt.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+    abs_of_neg = Rule("abs-neg", lambda op, x: op.Abs(op.Neg(x)), lambda op, x: op.Abs(x))
+    model = model_with([helper.make_node("Neg", ["x"], ["n"], name="negate"),
+                        helper.make_node("Abs", ["n"], ["y"], name="magnitude")])
+    RuleSet([abs_of_neg]).apply(model)
+    assert [(n.op_type, n.name) for n in model.graph] == [("Abs", "magnitude")]
+
+    relu_relu = Rule("relu-relu", lambda op, x: op.Relu(op.Relu(x)), lambda op, x: op.Relu(x))
+    model = model_with([helper.make_node("Relu", ["x"], ["r"], name="first"),
+                        helper.make_node("Relu", ["r"], ["y"], name="second")])
+    RuleSet([relu_relu]).apply(model)
+    assert [n.name for n in model.graph] == ["relu-relu/Relu_node"]  # two Relus went: neither name is taken
+
+    to_relu = Rule("sigmoid-to-relu", lambda op, x: op.Sigmoid(x), lambda op, x: op.Relu(x))
+    model = model_with([helper.make_node("Sigmoid", ["x"], ["y"], name="gate")])
+    RuleSet([to_relu]).apply(model)
+    assert [n.name for n in model.graph] == ["sigmoid-to-relu/Relu_node"]
+    verify(model)
