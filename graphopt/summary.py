@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from .errors import GraphoptError
 from .ir import Model, Node, TensorType
 from .shapes import infer_shapes, static_shape
 
@@ -47,6 +48,10 @@ def summarize(model: Model, shapes: Mapping[str, int] | None = None) -> ModelSum
     ``shapes`` — a dim_param name to size map — or 1)."""
     infer_shapes(model)
     graphs = list(model.graphs())
+    named = {d for g in graphs for v in g.values() if v.shape for d in v.shape if isinstance(d, str)}
+    if unknown := sorted(set(shapes or ()) - named):  # a misspelt dim would leave the MACs at dim = 1, silently
+        known = ", ".join(sorted(named)) or "none: every dim is static"
+        raise GraphoptError(f"the model has no symbolic dim {unknown[0]!r}", hint=f"its symbolic dims: {known}")
     ops = Counter(n.qualified_op for g in graphs for n in g)
     weights = [v.const for g in graphs for v in g.initializers.values()]
     macs_by_op: Counter[str] = Counter()

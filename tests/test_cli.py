@@ -40,6 +40,15 @@ def test_inspect_json(tmp_path, capsys):
     assert info["opsets"] == {"ai.onnx": 17} and info["ir_version"] == onnx.load(path).ir_version
 
 
+def test_inspect_refuses_a_dim_the_model_does_not_have(tmp_path, capsys):
+    """A misspelt dim would leave the MACs counted at size 1 without a word."""
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(), path)
+    assert main(["inspect", str(path), "--shape", "batch=2"]) == 2
+    err = capsys.readouterr().err
+    assert "no symbolic dim 'batch'" in err and "N" in err
+
+
 def test_inspect_table(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(conv_model(), path)
