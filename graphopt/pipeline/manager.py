@@ -63,10 +63,11 @@ class PassManager:
         names = default_pipeline() if passes is None else passes
         self.ctx = ctx or PassContext()
         self.passes = [p if isinstance(p, Pass) else get_pass(p) for p in names]
-        known = set(available_passes()) | {p.name for p in self.passes}
-        if unknown := sorted(self.ctx.disabled - known):  # a typo would otherwise disable nothing, silently
-            raise GraphoptError(f"cannot disable unknown pass {unknown[0]!r}",
-                                hint=f"available passes: {', '.join(sorted(known))}")
+        if self.ctx.disabled:  # a misspelt name would otherwise disable nothing, silently
+            known = set(available_passes()) | {p.name for p in self.passes}
+            if unknown := sorted(self.ctx.disabled - known):
+                raise GraphoptError(f"cannot disable unknown pass {unknown[0]!r}",
+                                    hint=f"available passes: {', '.join(sorted(known))}")
         self.passes = [p for p in self.passes if p.name not in self.ctx.disabled]
 
     def run(self, model: Model) -> PipelineReport:

@@ -234,7 +234,7 @@ class _Job:
             for name in flatten_channels_last(model):
                 inserted.activations.pop(name, None)  # reordered: its input's row has the same error
             if pad_inputs:
-                pad_input_channels(model)
+                inserted.padded = pad_input_channels(model)
         elif self.config.mode == "dynamic":
             inserted = insert_dynamic(model, selected, self.config)
         else:
@@ -364,9 +364,9 @@ def _first_layers(job: _Job, model: Model, plan: Plan, selected: set[str], repor
     if head is None or not any(head.node.inputs[i].name in inputs for i in head.activations):
         return selected, False
     all_int8 = job.build(selected)[0]
-    padded = job.build(selected, pad_inputs=True)[0]
+    padded, inserted = job.build(selected, pad_inputs=True)
     variants = ([(selected, True, padded, "input channels padded for the int8 conv kernel")]
-                if padded != all_int8 else []) + \
+                if inserted.padded else []) + \
         [(selected - set(order[:k]), False, job.build(selected - set(order[:k]))[0], f"first {k} layer(s) float")
          for k in range(1, min(MAX_FLOAT_PREFIX, len(order) - 1) + 1)]
     if not variants:

@@ -44,6 +44,7 @@ class Inserted:
     weights: list[LayerError] = field(default_factory=list)
     activations: dict[str, tuple[str, Candidate, QParams]] = field(default_factory=dict)  # fp32 name -> (DQ, ..)
     absorbed: dict[str, str] = field(default_factory=dict)  # quantized node -> fp32 output of its removed Relu
+    padded: list[str] = field(default_factory=list)  # convs whose input channels align.py padded
     notes: list[str] = field(default_factory=list)
 
 
