@@ -100,7 +100,8 @@ def bench_model(name: str, path: str | Path, data: QuantData, workdir: str | Pat
     method = cfg.method or default_method()
     variants: dict[str, dict[str, Any]] = {FP32: {"ok": True, "error": None, "path": str(path), "seconds": None}}
     for tool in tools_for(name, cfg.tools):
-        variants[tool] = _quantize(tool, str(path), str(workdir / tool / "model.onnx"), str(calib_dir), method, cfg)
+        variants[tool] = _quantize(tool, str(path), str(workdir / tool / "model.onnx"), str(calib_dir), method,
+                                   data.counts["latency_batch"], cfg)
     _evaluate_all(variants, data, workdir, cfg)
     _score_all(variants, data)
     _measure_latency(variants, data, workdir, cfg)
@@ -125,9 +126,11 @@ def tools_for(name: str, tools: Sequence[str]) -> list[str]:
     return [t for t in tools if t != "graphopt_dynamic" or transformer]
 
 
-def _quantize(tool: str, src: str, dst: str, calib_dir: str, method: str, cfg: BenchConfig) -> dict[str, Any]:
+def _quantize(tool: str, src: str, dst: str, calib_dir: str, method: str, latency_batch: int, cfg: BenchConfig
+              ) -> dict[str, Any]:
     res = run_in_child("tools.bench.quantizers:run_tool",
-                       {"tool": tool, "src": src, "dst": dst, "calib_dir": calib_dir, "method": method},
+                       {"tool": tool, "src": src, "dst": dst, "calib_dir": calib_dir, "method": method,
+                        "latency_batch": latency_batch},
                        timeout=cfg.timeout, preload=TOOLS[tool][2])
     ok, error = res.ok, res.error
     if error and tool in GRAPHOPT and error.startswith(("ImportError", "ModuleNotFoundError")):

@@ -64,6 +64,7 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     clock = _Clock()
     model = graphopt.load(to_bytes(model) if isinstance(model, Model) else model)
     samples = load_calibration(calib, model, config.calib_samples)  # checked before any work
+    latency_feed = _batched(model, samples[0], config.latency_batch)
     exported = {n.name for n in model.nodes()}
     if missing := sorted(set(config.nodes_to_exclude) - exported):
         raise GraphoptError(f"no node named {missing[0]!r} to exclude",
@@ -87,7 +88,7 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
                      "quantized; exclude that op's name (`graphopt optimize` output) instead" for name in fused_away]
     plan, ranges, reference = _plan_and_ranges(model, samples, config)
     clock.lap("calibrate")
-    job = _Job(fp32, config, ranges, samples, reference)
+    job = _Job(fp32, config, ranges, samples, reference, latency_feed)
     clock.lap("fp32 reference")
     selected = set(plan.candidates)
     if config.mode == "dynamic" and config.reduce_range is None and saturating_u8s8() and selected:
@@ -116,6 +117,20 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     clock.lap("check")
     report.timings_s = clock.laps
     return graphopt.load(quantized), report
+
+
+def _batched(model: Model, sample: Mapping[str, np.ndarray], batch: int | None) -> Mapping[str, np.ndarray]:
+    """The feed the latency checks time: ``sample`` repeated ``batch`` times along each input's leading axis,
+    which the model must leave free (a batch axis)."""
+    if batch is None:
+        return sample
+    for value in model.graph.inputs:
+        shape = value.type.shape if value.type is not None else None
+        if value.name in sample and (not shape or isinstance(shape[0], int)):
+            raise GraphoptError(f"latency batch {batch}: input {value.name!r} has no free leading (batch) axis "
+                                f"(shape {list(shape) if shape else 'unknown'})",
+                                hint="leave the latency batch out for a model with a fixed batch")
+    return {name: np.concatenate([x] * batch, axis=0) for name, x in sample.items()}
 
 
 class _Clock:
@@ -207,8 +222,9 @@ def _known_dtypes(model: Model, tensors) -> dict[str, str]:
 class _Job:
     """Builds variants (which nodes stay float) from the fused fp32 model and scores them."""
 
-    def __init__(self, fp32: bytes, config: QuantConfig, ranges, samples, reference: Outputs) -> None:
-        self.fp32, self.config, self.ranges = fp32, config, ranges
+    def __init__(self, fp32: bytes, config: QuantConfig, ranges, samples, reference: Outputs,
+                 latency_feed: Mapping[str, np.ndarray]) -> None:
+        self.fp32, self.config, self.ranges, self.latency_feed = fp32, config, ranges, latency_feed
         if not reference:
             reference = _timed_reference(fp32, samples[: config.eval_samples])
         self.reference = reference
@@ -316,7 +332,7 @@ def _fit_budget(job: _Job, plan: Plan, selected: set[str], report: QuantReport) 
 
 def _pay_or_fall_back(job: _Job, plan: Plan, selected: set[str], report: QuantReport) -> set[str]:
     """The quantized model must not be slower than fp32: drop the op kinds that pay least until it is not."""
-    feed = job.eval_feeds[0]
+    feed = job.latency_feed
     kinds = sorted({plan.candidates[n].kind for n in selected}, key=lambda k: speedup(k) or 0.0)
     fp32 = job.fp32_session
     while True:
@@ -371,7 +387,7 @@ def _first_layers(job: _Job, model: Model, plan: Plan, selected: set[str], repor
          for k in range(1, min(MAX_FLOAT_PREFIX, len(order) - 1) + 1)]
     if not variants:
         return selected, False
-    feed = job.eval_feeds[0]
+    feed = job.latency_feed
     ratios, ms = interleaved_ratios([job.fp32_session] + [session(m) for m in [all_int8] + [v[2] for v in variants]],
                                     feed)
     best = min(range(len(variants)), key=lambda k: ratios[k + 2])

@@ -42,6 +42,9 @@ class QuantConfig:
         that pays.
     latency_aware: time the quantized model against fp32 here; while it is slower, give up the op kinds
         whose int8 kernels ran slowest alone (``int8_ops.json``); nothing pays: the fp32 model comes back.
+    latency_batch: the latency checks time the first calibration sample; with this, that sample repeated
+        this many times along the batch (leading) axis, the batch the model will serve: on small models
+        int8's gain depends on it (digits CNN here: 1.25x at batch 1, 1.34x for onnxruntime's U8S8 at 8).
     op_types: op types to quantize; None means every kind onnxruntime fuses into an int8 kernel here
         (``int8_ops.json``), the latency check then giving up those that do not pay in this model.
     nodes_to_exclude: node names always kept in float.
@@ -64,6 +67,7 @@ class QuantConfig:
     metric: str = "cosine"
     user_metric: Metric | None = None
     latency_aware: bool = True
+    latency_batch: int | None = None
     op_types: Sequence[str] | None = None
     nodes_to_exclude: Sequence[str] = ()
     calib_samples: int = 256
@@ -87,3 +91,5 @@ class QuantConfig:
             raise GraphoptError(f"percentile must be in (0, 100], got {self.percentile}")
         if min(self.calib_samples, self.eval_samples, self.sensitivity_samples) < 1:
             raise GraphoptError("calib_samples, eval_samples and sensitivity_samples must be at least 1")
+        if self.latency_batch is not None and self.latency_batch < 1:
+            raise GraphoptError(f"latency_batch must be at least 1, got {self.latency_batch}")

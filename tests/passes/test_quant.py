@@ -220,6 +220,16 @@ def test_cli_bad_calibration_is_one_clear_error(zoo, tmp_path, capsys, arrays, m
     assert not out.exists()
 
 
+def test_cli_latency_batch_reaches_the_quantizer(zoo, digits, tmp_path, capsys):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, images=digits["calib"]["images"][:4, None])
+    out = tmp_path / "q.onnx"
+    code = graphopt.cli.main(["quantize", str(zoo.build("digits_cnn_dynamo")), "-o", str(out), "--calib", str(calib),
+                              "--latency-batch", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "latency_batch must be at least 1" in err and not out.exists()
+
+
 @pytest.mark.slow
 def test_resnet50_static_with_budget(zoo):
     """~5 min here: 54 sensitivity variants of ResNet-50."""

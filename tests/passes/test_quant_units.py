@@ -222,6 +222,54 @@ def test_excluding_a_node_fused_under_another_name_is_reported():
     assert any(note.startswith("--exclude mm: fused") for note in report.notes)
 
 
+def test_latency_batch_times_the_sample_repeated_along_the_batch_axis(monkeypatch):
+    """The latency check sees the first calibration sample stacked latency_batch times; a model whose leading
+    axis is fixed has no batch to stack along, and says so before any work."""
+    feeds = []
+
+    def fake_latency(model, baseline, feed):
+        feeds.append(feed)
+        return 0.5, {"quantized": 0.5, "fp32": 1.0}
+
+    monkeypatch.setattr("graphopt.passes.quant.api.paired_latency", fake_latency)
+    w = (RNG.standard_normal((32, 32)) / 6).astype(np.float32)
+    batched = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                         [tensor("x", ["n", 32])], [tensor("y", ["n", 32])], {"w": w})
+    calib = samples((2, 32))
+    quantize(batched, calib, QuantConfig(latency_batch=3))
+    assert feeds and all(np.array_equal(f["x"], np.concatenate([calib[0]["x"]] * 3)) for f in feeds)
+    feeds.clear()
+    quantize(batched, calib, QuantConfig())
+    assert feeds and all(f["x"] is calib[0]["x"] for f in feeds)
+    with pytest.raises(graphopt.GraphoptError, match=r"input 'x' has no free leading \(batch\) axis \(shape \[4, 32\]"):
+        quantize(shared_weight_model(), samples((4, 32)), QuantConfig(latency_batch=8))
+    with pytest.raises(graphopt.GraphoptError, match="latency_batch must be at least 1"):
+        quantize(batched, calib, QuantConfig(latency_batch=0))
+
+
+def test_timing_rounds_repeat_a_fast_model_enough_to_be_measured():
+    """A model of a few microseconds runs many times a round (one run is mostly timer jitter); the ratio of a
+    model to itself stays near 1."""
+    from graphopt.passes.quant.evaluate import interleaved_ratios, session
+
+    proto = shared_weight_model()
+    runs = []
+
+    class Counting:
+        def __init__(self, sess):
+            self.sess = sess
+
+        def run(self, names, feed):
+            runs.append(1)
+            return self.sess.run(names, feed)
+
+    sess = session(proto.SerializeToString())
+    ratios, ms = interleaved_ratios([Counting(sess), Counting(sess)], samples((4, 32), n=1)[0], seconds=0.2,
+                                    min_rounds=5, max_rounds=5)
+    assert len(runs) > 4 * 2 * 5 and ms[0] < 1.0  # several runs per model per round, each under a millisecond
+    assert 0.7 < ratios[1] < 1.4
+
+
 def test_config_errors_are_user_errors():
     with pytest.raises(graphopt.GraphoptError, match="unknown method"):
         quantize(shared_weight_model(), samples((4, 32)), QuantConfig(method="kl"))

@@ -23,12 +23,14 @@ from .quant_data import read_calibration
 ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
-def run_graphopt(src: str, dst: str, calib_dir: str, mode: str, method: str) -> dict[str, Any]:
-    """graphopt's quantizer with its defaults for ``mode``, apart from the calibration ``method``."""
+def run_graphopt(src: str, dst: str, calib_dir: str, mode: str, method: str, latency_batch: int) -> dict[str, Any]:
+    """graphopt's quantizer with its defaults for ``mode``, apart from the calibration ``method`` and the batch
+    its latency check times: the one the benchmark measures latency at, as a user would give it."""
     import graphopt
     from graphopt.passes.quant import QuantConfig, quantize
 
-    model, report = quantize(src, calib_dir, config=QuantConfig(mode=mode, method=method))
+    config = QuantConfig(mode=mode, method=method, latency_batch=latency_batch)
+    model, report = quantize(src, calib_dir, config=config)
     graphopt.save(model, dst)
     data = report.to_dict()
     reasons: dict[str, int] = {}
@@ -115,10 +117,14 @@ TOOLS: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], tuple[str,
 GRAPHOPT = tuple(name for name in TOOLS if name.startswith("graphopt"))
 
 
-def run_tool(tool: str, src: str, dst: str, calib_dir: str, method: str) -> dict[str, Any]:
+def run_tool(tool: str, src: str, dst: str, calib_dir: str, method: str, latency_batch: int = 1) -> dict[str, Any]:
     """Entry point for a child process: quantize ``src`` into ``dst`` (its folder is created) with ``tool``;
-    ``method`` is the calibration method every static quantizer uses (see :data:`ORT_METHODS`)."""
+    ``method`` is the calibration method every static quantizer uses (see :data:`ORT_METHODS`), and
+    ``latency_batch`` the batch latency is measured at (only graphopt's quantizer times anything)."""
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     adapter, fixed, _ = TOOLS[tool]
     takes_method = adapter is not run_ort_dynamic
-    return adapter(src, dst, calib_dir, **fixed, **({"method": method} if takes_method else {}))
+    extra = {"method": method} if takes_method else {}
+    if adapter is run_graphopt:
+        extra["latency_batch"] = latency_batch
+    return adapter(src, dst, calib_dir, **fixed, **extra)
