@@ -82,7 +82,8 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     clock.lap("prepare")
     fp32 = to_bytes(model)
     report = QuantReport(config.mode, config.method if config.mode == "static" else "-", config.activation_type,
-                         config.per_channel, len(samples), max_error=config.max_error)
+                         config.per_channel, len(samples), max_error=config.max_error,
+                         latency_batch=config.latency_batch)
     fused_away = sorted(set(config.nodes_to_exclude) - {n.name for n in model.nodes()})
     report.notes += [f"--exclude {name}: fused with its neighbours into a differently named op, which may be "
                      "quantized; exclude that op's name (`graphopt optimize` output) instead" for name in fused_away]

@@ -58,6 +58,7 @@ class QuantReport:
     sensitivity: dict[str, float] = field(default_factory=dict)  # node -> error gain when kept float
     latency_ms: dict[str, float] = field(default_factory=dict)  # {"fp32": .., "quantized": ..} medians
     latency_ratio: float | None = None  # median per-round quantized/fp32 time of the model returned
+    latency_batch: int | None = None  # the batch those times are for; None: one calibration sample
     size_bytes: dict[str, int] = field(default_factory=dict)  # {"fp32": .., "quantized": ..} initializer bytes
     timings_s: dict[str, float] = field(default_factory=dict)  # step -> seconds
     notes: list[str] = field(default_factory=list)
@@ -106,7 +107,8 @@ def render(report: QuantReport, max_rows: int = 60) -> Group:
     if report.latency_ms:
         text = ", ".join(f"{k} {v:.3f} ms" for k, v in report.latency_ms.items())
         ratio = report.latency_ratio
-        summary.add_row("latency (ORT CPU)", text + (f"  speed-up {1 / ratio:.2f}x (paired)" if ratio else ""))
+        at = f", batch {report.latency_batch}" if report.latency_batch else ""
+        summary.add_row(f"latency (ORT CPU{at})", text + (f"  speed-up {1 / ratio:.2f}x (paired)" if ratio else ""))
     if report.size_bytes:
         summary.add_row("weights", ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in report.size_bytes.items()))
     for key, value in report.timings_s.items():

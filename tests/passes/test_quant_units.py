@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from rich.console import Console
 
 import graphopt
 from graphopt.passes.quant import CalibrationError, QuantConfig, quantize
@@ -16,6 +17,7 @@ from graphopt.passes.quant.budget import fit_budget
 from graphopt.passes.quant.evaluate import output_errors, run_outputs
 from graphopt.passes.quant.qparams import activation_qparams, fake_quant, quantize_weight
 from graphopt.passes.quant.ranges import Histogram, clip_range
+from graphopt.passes.quant.report import render
 
 RNG = np.random.default_rng(0)
 EXACT = dict(latency_aware=False, fuse=False, op_types=["Conv", "Gemm", "MatMul", "Add"])
@@ -236,8 +238,11 @@ def test_latency_batch_times_the_sample_repeated_along_the_batch_axis(monkeypatc
     batched = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
                          [tensor("x", ["n", 32])], [tensor("y", ["n", 32])], {"w": w})
     calib = samples((2, 32))
-    quantize(batched, calib, QuantConfig(latency_batch=3))
+    _, report = quantize(batched, calib, QuantConfig(latency_batch=3))
     assert feeds and all(np.array_equal(f["x"], np.concatenate([calib[0]["x"]] * 3)) for f in feeds)
+    console = Console(record=True, width=160)
+    console.print(render(report))
+    assert report.latency_batch == 3 and "latency (ORT CPU, batch 3)" in console.export_text()
     feeds.clear()
     quantize(batched, calib, QuantConfig())
     assert feeds and all(f["x"] is calib[0]["x"] for f in feeds)
