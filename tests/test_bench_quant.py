@@ -117,6 +117,13 @@ def test_score_against_fp32_and_labels():
     assert "agree" not in score("text", ref, got)
 
 
+def test_a_zero_row_scores_one_only_when_matched_exactly():
+    ref = np.array([[0.0, 0.0], [1.0, 0.0]], np.float32)
+    assert score("random", ref, ref)["cos"] == 1.0
+    off = np.array([[0.0, 0.1], [1.0, 0.0]], np.float32)
+    assert score("random", ref, off)["cos_min"] == 0.0
+
+
 def test_an_invalid_model_is_a_result_not_a_crash(tmp_path):
     batches = tmp_path / "batches.pkl"
     batches.write_bytes(pickle.dumps([{"x": np.ones((1, 4), np.float32)}]))

@@ -224,7 +224,10 @@ def score(kind: str, ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None
     r = ref.reshape(len(ref), -1).astype(np.float64)
     g = got.reshape(len(got), -1).astype(np.float64)
     norms = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
-    cos = np.where(norms > 0, (r * g).sum(1) / np.where(norms > 0, norms, 1.0), 0.0)
+    # A zero row (control_flow's other branch, a forest's certain class) scores 1 where it is matched exactly
+    # and 0 otherwise: fp32 against itself read cos 0.969 on control_flow.
+    exact = np.all(r == g, axis=1).astype(np.float64)
+    cos = np.where(norms > 0, (r * g).sum(1) / np.where(norms > 0, norms, 1.0), exact)
     noise = float(((r - g) ** 2).sum())
     out = {"cos": float(cos.mean()), "cos_min": float(cos.min()),
            "sqnr_db": float(10 * np.log10((r ** 2).sum() / noise)) if noise > 0 else float("inf")}
