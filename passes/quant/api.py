@@ -368,7 +368,7 @@ def _time_int8(job: _Job, selected: set[str]) -> tuple[bytes, bool, float, dict[
     the two counts (their outputs are identical): the small ResNet at batch 8 took 1.04x fp32's time unpadded,
     0.83x padded, and judging the unpadded one alone gave up every int8 conv."""
     plain = job.build(selected)[0]
-    padded, inserted = job.build(selected, pad_inputs=True) if job.config.mode == "static" else (plain, Inserted())
+    padded, inserted = job.build(selected, pad_inputs=True)  # pads static convs only; a MiniLM build takes tens of ms
     if not inserted.padded:
         ratio, times = paired_latency(plain, job.fp32_session, job.latency_feed)
         return plain, False, ratio, times
