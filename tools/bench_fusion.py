@@ -23,10 +23,12 @@ onnxruntime.transformers.optimizer; graphopt under BASIC within 5 % of the origi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import pickle
+import shutil
 import sys
 import tempfile
 import time
@@ -386,19 +388,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = BenchConfig(batches=args.batch, seq=args.seq, runs=args.runs, warmup=args.warmup,
                       min_seconds=args.min_seconds)
     command = "python tools/bench_fusion.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-fusion-"))
     results: list[dict[str, Any]] = []
-    for name in names:
-        log.info("%s", name)
-        start = time.perf_counter()
-        try:
-            results.append(bench_model(name, build(name), workdir, cfg, judge=args.judge))
-        except Exception as exc:  # noqa: BLE001 - one model that cannot be measured is a row, not a stop
-            log.error("%s: %s", name, exc)
-            results.append({"model": name, "error": str(exc)})
-        log.info("%s done in %.0f s", name, time.perf_counter() - start)
-        if args.json:  # partial results survive an interrupted long run
-            Path(args.json).write_text(json.dumps(_finite({"command": command, "models": results}), indent=1))
+    # The variants of one transformer take gigabytes: a temporary folder goes model by model, and at the end.
+    with contextlib.ExitStack() as stack:
+        keep = bool(args.workdir)
+        workdir = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-fusion-")))
+        for name in names:
+            log.info("%s", name)
+            start = time.perf_counter()
+            try:
+                results.append(bench_model(name, build(name), workdir, cfg, judge=args.judge))
+            except Exception as exc:  # noqa: BLE001 - one model that cannot be measured is a row, not a stop
+                log.error("%s: %s", name, exc)
+                results.append({"model": name, "error": str(exc)})
+            if not keep:
+                shutil.rmtree(workdir / name, ignore_errors=True)
+            log.info("%s done in %.0f s", name, time.perf_counter() - start)
+            if args.json:  # partial results survive an interrupted long run
+                Path(args.json).write_text(json.dumps(_finite({"command": command, "models": results}), indent=1))
     report = render_markdown(results, command)
     if args.md:
         Path(args.md).write_text(report)

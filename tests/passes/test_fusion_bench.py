@@ -59,3 +59,29 @@ def test_bench_model_on_a_small_cnn(tmp_path):
     judged = targets(result, "wall")
     assert judged["b1"]["judge"] == "wall" and "all_le_original" in judged["b1"]
     assert "digits_cnn_torchscript" in render_markdown([result], "cmd")
+
+
+def test_main_removes_its_temporary_variants(tmp_path, monkeypatch):
+    """One run of the benchmark wrote 12 GB of variants to /tmp and left them there."""
+    import tempfile
+
+    import tools.bench_fusion as bench
+
+    seen = []
+
+    def fake_bench_model(name, src, workdir, cfg, judge):
+        (workdir / name).mkdir(parents=True)
+        (workdir / name / "model.onnx").write_bytes(b"x" * 1024)
+        seen.append(workdir / name)
+        return {"model": name, "error": "fake"}
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(bench, "bench_model", fake_bench_model)
+    monkeypatch.setattr("tools.zoo.build", lambda name: f"{name}.onnx")
+    bench.main(["--only", "digits_cnn_dynamo", "digits_cnn_torchscript"])
+    assert len(seen) == 2 and not any(p.exists() for p in seen)
+    assert list(tmp_path.iterdir()) == []
+
+    kept = tmp_path / "kept"
+    bench.main(["--only", "digits_cnn_dynamo", "--workdir", str(kept)])
+    assert (kept / "digits_cnn_dynamo" / "model.onnx").exists()  # asked for: kept
