@@ -35,7 +35,9 @@ zoo: setup
 lock:
 	rm -rf /tmp/graphopt-lock && $(PYTHON) -m venv /tmp/graphopt-lock
 	/tmp/graphopt-lock/bin/pip install --quiet -r requirements.in
-	/tmp/graphopt-lock/bin/pip freeze | sed 's/^torch==.*/torch==2.13.0/' > requirements.lock
+	{ sed -n '1,2p' requirements.lock; /tmp/graphopt-lock/bin/pip freeze --all --exclude pip \
+	  | sed 's/^torch==.*/torch==2.13.0/'; } > requirements.lock.new  # --all: setuptools builds graphopt
+	mv requirements.lock.new requirements.lock && rm -rf /tmp/graphopt-lock
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
