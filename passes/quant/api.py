@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -35,6 +35,7 @@ from .qdq import Inserted, insert_static, insert_weight_only
 from .qparams import qrange
 from .ranges import clip_range
 from .report import EXCLUDED, LATENCY, SENSITIVITY, UNSUPPORTED, FloatNode, LayerError, QuantReport
+from .smooth import Smoothing, apply_smoothing, plan_smoothing
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ PAYS_BELOW = 0.95
 #: this share of the all-int8 time, in two timings (see _first_layers); at most this many layers are tried.
 FLOAT_PREFIX_BELOW, MAX_FLOAT_PREFIX = 0.97, 4
 SQNR_SAMPLES = 2  # per-tensor SQNR runs both models with every quantized tensor exposed: a few samples
+KEEP_SMOOTHING = 0.9  # kept where the output error drops by a tenth: an unfolded 1/s is one more op per activation
 
 Calibration = CalibSource | Iterable[Mapping[str, np.ndarray]]
 
@@ -89,12 +91,19 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
                      "quantized; exclude that op's name (`graphopt optimize` output) instead" for name in fused_away]
     plan, ranges, reference = _plan_and_ranges(model, samples, config)
     clock.lap("calibrate")
-    job = _Job(fp32, config, ranges, samples, reference, latency_feed)
+    smoothings = []
+    if config.mode == "dynamic" and config.smooth and plan.candidates:
+        smoothings = plan_smoothing(model, plan.candidates, samples, config)
+        clock.lap("smoothing plan")
+    job = _Job(fp32, config, ranges, samples, reference, latency_feed, smoothings)
     clock.lap("fp32 reference")
     selected = set(plan.candidates)
     if config.mode == "dynamic" and config.reduce_range is None and saturating_u8s8() and selected:
         _choose_weight_scheme(job, selected, report)
         clock.lap("weight scheme")
+    if job.smoothings and selected:
+        _keep_smoothing_if_better(job, selected, report)
+        clock.lap("smoothing check")
     if config.max_error is not None and selected:
         selected = _fit_budget(job, plan, selected, report)
         clock.lap("budget")
@@ -228,14 +237,17 @@ class _Job:
     """Builds variants (which nodes stay float) from the fused fp32 model and scores them."""
 
     def __init__(self, fp32: bytes, config: QuantConfig, ranges, samples, reference: Outputs,
-                 latency_feed: Mapping[str, np.ndarray]) -> None:
+                 latency_feed: Mapping[str, np.ndarray], smoothings: Sequence[Smoothing] = ()) -> None:
         self.fp32, self.config, self.ranges, self.latency_feed = fp32, config, ranges, latency_feed
+        self.smoothings = smoothings  # applied per build, to the selected readers only: fp32 gets none
         if not reference:
             reference = _timed_reference(fp32, samples[: config.eval_samples])
         self.reference = reference
         self.eval_feeds = samples[: len(reference)]
         self.sens_feeds = samples[: min(config.sensitivity_samples, len(reference))]
-        self._builds: list[tuple[tuple[frozenset[str], bool], QuantConfig, tuple[bytes, Inserted]]] = []
+        # ((selected, padded), the config and smoothings it was built with (compared by identity), the build)
+        self._builds: list[tuple[tuple[frozenset[str], bool], QuantConfig, Sequence[Smoothing],
+                                 tuple[bytes, Inserted]]] = []
 
     @functools.cached_property
     def fp32_session(self) -> ort.InferenceSession:
@@ -247,8 +259,8 @@ class _Job:
         model input padded, see ``align.py``). The last two builds are kept: the latency checks time a model
         padded and not, and the final model is one of them."""
         key = (frozenset(selected), pad_inputs)
-        for built_key, config, built in self._builds:
-            if built_key == key and config is self.config:
+        for built_key, config, smoothings, built in self._builds:
+            if built_key == key and config is self.config and smoothings is self.smoothings:
                 return built
         model = graphopt.load(self.fp32)
         if self.config.mode == "static":
@@ -258,11 +270,13 @@ class _Job:
             if pad_inputs:
                 inserted.padded = pad_input_channels(model)
         elif self.config.mode == "dynamic":
+            smoothed = apply_smoothing(model, self.smoothings, selected)
             inserted = insert_dynamic(model, selected, self.config)
+            inserted.notes[:0] = smoothed
         else:
             inserted = insert_weight_only(model, selected, self.config)
-        self._builds = [*self._builds[-1:], (key, self.config, (to_bytes(model), inserted))]
-        return self._builds[-1][2]
+        self._builds = [*self._builds[-1:], (key, self.config, self.smoothings, (to_bytes(model), inserted))]
+        return self._builds[-1][3]
 
     def error(self, got: Outputs, subset: bool = False) -> float:
         ref = self.reference[: len(got)] if subset else self.reference
@@ -313,6 +327,18 @@ def _choose_weight_scheme(job: _Job, selected: set[str], report: QuantReport) ->
 
     report.notes.append("weights: " + ", ".join(f"{label(s)} error {errors[s]:.3g}" for s in schemes)
                         + f"; kept {label(best)}")
+
+
+def _keep_smoothing_if_better(job: _Job, selected: set[str], report: QuantReport) -> None:
+    """Smoothing is chosen per activation on a simulated product; keep it only if the model's output error,
+    with every chosen activation smoothed, is lower than without."""
+    smoothings, errors = job.smoothings, []
+    for variant in ((), smoothings):
+        job.smoothings = variant
+        errors.append(job.error(run_outputs(job.build(selected)[0], job.eval_feeds)))
+    job.smoothings = smoothings if errors[1] < KEEP_SMOOTHING * errors[0] else ()
+    report.notes.append(f"smoothing {len(smoothings)} activation(s): output error {errors[0]:.3g} -> {errors[1]:.3g}; "
+                        + ("kept" if job.smoothings else "dropped"))
 
 
 def _fit_budget(job: _Job, plan: Plan, selected: set[str], report: QuantReport) -> set[str]:

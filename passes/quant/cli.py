@@ -31,7 +31,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig(mode=args.mode, activation_type=args.activation_type, per_channel=args.per_channel,
                          symmetric=args.symmetric, method=args.method, percentile=args.percentile,
                          max_error=args.max_error, metric=args.metric, latency_aware=not args.no_latency_aware,
-                         latency_batch=args.latency_batch,
+                         latency_batch=args.latency_batch, smooth=not args.no_smooth,
                          op_types=op_types, nodes_to_exclude=exclude, calib_samples=args.calib_samples,
                          reduce_range=args.reduce_range, progress=Console(stderr=True).is_terminal)
     model, report = quantize(args.model, args.calib, config)
@@ -80,6 +80,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--latency-batch", type=int, metavar="N",
                    help="time the latency check at this batch size, the one the model will serve (default: one "
                         "calibration sample)")
+    p.add_argument("--no-smooth", action="store_true",
+                   help="dynamic mode: do not move activation outliers into the weights (SmoothQuant)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--report", metavar="FILE", help="also write the JSON report to FILE")
     p.set_defaults(func=cmd_quantize)

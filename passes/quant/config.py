@@ -54,6 +54,8 @@ class QuantConfig:
         each layer's sensitivity on the first ``sensitivity_samples``: running every variant on all
         samples would make quantizing a large model take many minutes.
     fuse: run graphopt's fusion pipeline (level "fuse": Conv+BN and friends) first.
+    smooth: dynamic mode: move activation outliers into the weights (SmoothQuant, ``smooth.py``) where the
+        int8 product's error, simulated on the calibration data, drops by a fifth or more.
     """
 
     mode: str = "static"
@@ -74,6 +76,7 @@ class QuantConfig:
     eval_samples: int = 32
     sensitivity_samples: int = 16
     fuse: bool = True
+    smooth: bool = True
     progress: bool = False
     seed: int = 0
 

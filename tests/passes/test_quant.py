@@ -266,7 +266,8 @@ def test_minilm_dynamic_real_sentences(zoo):
     cos = [float(np.dot(r["sentence_embedding"].ravel(), g["sentence_embedding"].ravel())
                  / np.linalg.norm(r["sentence_embedding"]) / np.linalg.norm(g["sentence_embedding"]))
            for r, g in zip(ref, got, strict=True)]
-    assert np.mean(cos) >= 0.99
+    assert np.mean(cos) >= 0.995  # 0.9937 without smoothing (docs/quantize.md)
+    assert any(n.startswith("smoothing") and n.endswith("kept") for n in report.notes), report.notes
     assert report.latency_ms["quantized"] * 1.3 <= report.latency_ms["fp32"]
 
 
