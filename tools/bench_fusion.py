@@ -46,7 +46,7 @@ from tools.bench.child import run_in_child
 from tools.bench.markdown import table
 from tools.bench.numerics import check_in_children, write_feeds
 from tools.bench.ort_transformers import ort_transformers_args
-from tools.bench.pairing import paired_ratio
+from tools.bench.pairing import paired_ratio, run_noise
 from tools.bench.simplifiers import TOOLS
 from tools.bench.stats import model_stats
 
@@ -64,9 +64,6 @@ DEFAULT_MODELS = tuple(f"{family}_{exporter}" for family in (
 ) for exporter in ("torchscript", "dynamo"))
 #: Targets of issue 5
 TRANSFORMER_TARGET, BASIC_TARGET = 0.95, 1.05
-#: Ratios this close count as equal even when the A/A control happens to read 1.000: identical models timed
-#: in one run read 0.991-1.01 here, so a strict 1.000 vs 0.997 is a coin toss, not a loss.
-NOISE_FLOOR = 0.01
 #: what targets are judged on: the process's CPU time (all onnxruntime threads; other processes on a shared
 #: machine stretch it far less than wall time: at load 10-14 on 2 cores wall ratios of one model swung
 #: 0.72-2.2 while CPU-time ratios stayed within 0.95-1.1) or wall time
@@ -236,7 +233,7 @@ def _x(result: Mapping[str, Any], label: str, batch: str, level: str, key: str =
 def targets(result: Mapping[str, Any], judge: str = "cpu") -> dict[str, dict[str, Any]]:
     """Issue 5's targets for one model, per batch, judged on ``judge`` ("cpu": the process's CPU time,
     "wall": wall time) ratios. ``noise`` is the A/A control's distance from 1 on the same metric, at least
-    :data:`NOISE_FLOOR`."""
+    :data:`tools.bench.pairing.NOISE_FLOOR`."""
     from tools.zoo import MODELS
 
     key = JUDGE[judge]
@@ -248,7 +245,7 @@ def targets(result: Mapping[str, Any], judge: str = "cpu") -> dict[str, dict[str
 
         g_all, g_basic = x(GRAPHOPT, ALL), x(GRAPHOPT, BASIC)
         control = result["control"].get(batch, {}).get(ALL, {}).get(key)
-        noise = max(abs(control - 1.0) if control is not None else 0.0, NOISE_FLOOR)
+        noise = run_noise(control)
         peers = [p for p in (x(s, ALL) for s in SIMPLIFIERS) if p is not None]
         ort_t = x(ORT_TRANSFORMERS, ALL)
         row: dict[str, Any] = {"judge": judge, "graphopt_all": g_all, "graphopt_basic": g_basic, "control": control,

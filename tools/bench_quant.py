@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
 
 from tools.bench.child import run_in_child
 from tools.bench.markdown import table
-from tools.bench.pairing import paired_ratio
+from tools.bench.pairing import paired_ratio, run_noise
 from tools.bench.quant_data import QuantData, build_data, write_calibration
 from tools.bench.quantizers import GRAPHOPT, TOOLS
 from tools.bench.stats import file_bytes
@@ -404,12 +404,13 @@ def _equal_speed_check(r: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _not_slower_check(done: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Slower means below 1.0x by more than the run's own noise: below fp32's A/A control of that model
-    (fp32 against itself read 0.99x on the digits CNN while graphopt's int8 model read 0.996x)."""
+    """Slower means below 1.0x by more than the run's own noise (``run_noise``, as in tools/bench_fusion.py):
+    fp32 against itself read 0.99x on the digits CNN while graphopt's int8 model read 0.996x, and a 9 us model
+    handed back in float read 0.999x with its A/A control at 1.003x."""
     target = "no graphopt-quantized model slower than fp32"
     measured = [(r["model"], t, r["variants"][t]["speedup"], _control_speedup(r)) for r in done for t in GRAPHOPT
                 if _ok(r["variants"].get(t))]
-    slower = [f"{m} {t} {s:.3f}x (A/A control {c:.3f}x)" for m, t, s, c in measured if s < min(1.0, c)]
+    slower = [f"{m} {t} {s:.3f}x (A/A control {c:.3f}x)" for m, t, s, c in measured if s * (1 + run_noise(c)) < 1.0]
     if not measured:
         return _check(target, None, None, "no graphopt result")
     detail = ("slower: " + ", ".join(slower)) if slower else \

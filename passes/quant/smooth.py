@@ -22,6 +22,7 @@ import onnx
 
 from graphopt.ir import Model, Node, Value
 from graphopt.ir.tensor import ArrayTensor
+from graphopt.onnx_io import to_proto
 from graphopt.passes.prune.calib import run_exposed
 
 from .config import QuantConfig
@@ -153,8 +154,6 @@ class _Stats:
     @classmethod
     def collect(cls, model: Model, groups: Mapping[str, list[Candidate]],
                 samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, _Stats]:
-        from graphopt.onnx_io import to_proto
-
         per_sample = max(1, SIM_ROWS // len(samples))
         parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {name: [] for name in groups}
         for values in run_exposed(to_proto(model), list(groups), samples, label="model (smoothing statistics)"):
