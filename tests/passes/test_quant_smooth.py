@@ -65,7 +65,7 @@ def test_smoothing_lowers_the_error_of_outlier_channels(residual):
     proto, data, held = ln_model(residual), calib(), calib(n=4, seed=9)
     plain, _ = quantize(proto, data, QuantConfig(**DYNAMIC, smooth=False))
     smoothed, report = quantize(proto, data, QuantConfig(**DYNAMIC))
-    assert error(proto, smoothed, held) < 0.5 * error(proto, plain, held)
+    assert error(proto, smoothed, held) < 0.6 * error(proto, plain, held)  # 0.26-0.41 here (VNNI), any scheme
     assert any(note.startswith("smoothed h ") for note in report.notes), report.notes
     assert any("kept" in note for note in report.notes if note.startswith("smoothing"))
     muls = [n for n in smoothed.graph if n.op_type == "Mul"]
