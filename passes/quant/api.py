@@ -92,8 +92,9 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     plan, ranges, reference = _plan_and_ranges(model, samples, config)
     clock.lap("calibrate")
     smoothings = []
-    if config.mode == "dynamic" and config.smooth and plan.candidates:
-        smoothings = plan_smoothing(model, plan.candidates, samples, config)
+    if config.mode in ("dynamic", "static") and config.smooth and plan.candidates:
+        smoothings, notes = plan_smoothing(model, plan.candidates, samples, config)
+        report.notes += notes
         clock.lap("smoothing plan")
     job = _Job(fp32, config, ranges, samples, reference, latency_feed, smoothings)
     clock.lap("fp32 reference")
@@ -263,18 +264,21 @@ class _Job:
             if built_key == key and config is self.config and smoothings is self.smoothings:
                 return built
         model = graphopt.load(self.fp32)
+        smoothed, divided = apply_smoothing(model, self.smoothings, selected)
         if self.config.mode == "static":
-            inserted = insert_static(model, selected, self.ranges, self.config)
+            ranges = {**self.ranges, **{name: sm.bounds for name, sm in divided.items()}}
+            inserted = insert_static(model, selected, ranges, self.config)
+            for name in divided:  # x / s has no fp32 counterpart to measure its SQNR against
+                inserted.activations.pop(name, None)
             for name in flatten_channels_last(model):
                 inserted.activations.pop(name, None)  # reordered: its input's row has the same error
             if pad_inputs:
                 inserted.padded = pad_input_channels(model)
         elif self.config.mode == "dynamic":
-            smoothed = apply_smoothing(model, self.smoothings, selected)
             inserted = insert_dynamic(model, selected, self.config)
-            inserted.notes[:0] = smoothed
         else:
             inserted = insert_weight_only(model, selected, self.config)
+        inserted.notes[:0] = smoothed
         self._builds = [*self._builds[-1:], (key, self.config, self.smoothings, (to_bytes(model), inserted))]
         return self._builds[-1][3]
 

@@ -81,7 +81,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="time the latency check at this batch size, the one the model will serve (default: one "
                         "calibration sample)")
     p.add_argument("--no-smooth", action="store_true",
-                   help="dynamic mode: do not move activation outliers into the weights (SmoothQuant)")
+                   help="do not move the outlier channels of MatMul inputs into the weights (SmoothQuant)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--report", metavar="FILE", help="also write the JSON report to FILE")
     p.set_defaults(func=cmd_quantize)

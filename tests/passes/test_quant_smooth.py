@@ -16,6 +16,8 @@ from graphopt.passes.quant.smooth import apply_smoothing, plan_smoothing
 
 HIDDEN, ROWS = 64, 24
 DYNAMIC = dict(mode="dynamic", latency_aware=False, fuse=False)
+STATIC = dict(DYNAMIC, mode="static")
+STATIC_MSE = dict(STATIC, method="mse")  # the range of x / s from a histogram of the sampled rows
 
 
 def ln_model(residual: bool, gemm_readers: bool = False, seed: int = 0) -> onnx.ModelProto:
@@ -60,18 +62,23 @@ def error(proto: onnx.ModelProto, model: graphopt.Model, feeds) -> float:
                          run_outputs(graphopt.to_bytes(model), feeds))["rel_l2"]
 
 
+@pytest.mark.parametrize("mode", [DYNAMIC, STATIC, STATIC_MSE], ids=["dynamic", "static", "static-mse"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_smoothing_lowers_the_error_of_outlier_channels(residual):
+def test_smoothing_lowers_the_error_of_outlier_channels(residual, mode):
     proto, data, held = ln_model(residual), calib(), calib(n=4, seed=9)
-    plain, _ = quantize(proto, data, QuantConfig(**DYNAMIC, smooth=False))
-    smoothed, report = quantize(proto, data, QuantConfig(**DYNAMIC))
+    plain, _ = quantize(proto, data, QuantConfig(**mode, smooth=False))
+    smoothed, report = quantize(proto, data, QuantConfig(**mode))
     assert error(proto, smoothed, held) < 0.6 * error(proto, plain, held)  # 0.26-0.41 here (VNNI), any scheme
     assert any(note.startswith("smoothed h ") for note in report.notes), report.notes
     assert any("kept" in note for note in report.notes if note.startswith("smoothing"))
     muls = [n for n in smoothed.graph if n.op_type == "Mul"]
     if residual:  # the residual reads the LayerNorm output as it was: the 1/s is a Mul read by the projections only
-        assert len(muls) == 1 and len(readers := muls[0].outputs[0].users()) == 3
-        assert {n.op_type for n in readers} == {"DynamicQuantizeMatMul"}
+        assert len(muls) == 1
+        readers = muls[0].outputs[0].users()
+        if mode["mode"] == "dynamic":
+            assert len(readers) == 3 and {n.op_type for n in readers} == {"DynamicQuantizeMatMul"}
+        else:  # one QuantizeLinear of x / s, with its own range, for the three projections
+            assert [n.op_type for n in readers] == ["QuantizeLinear"]
     else:  # read by the projections alone: folded into the LayerNorm's scale and bias
         assert not muls
         ln = next(n for n in smoothed.graph if n.op_type == "LayerNormalization")
@@ -86,12 +93,13 @@ def test_smoothing_alone_leaves_the_float_model_unchanged(residual, gemm_readers
     proto, data = ln_model(residual, gemm_readers), calib(gemm_readers)
     model = graphopt.load(proto)
     plan = make_plan(model, {"MatMul", "Gemm"})
-    smoothings = plan_smoothing(model, plan.candidates, data, QuantConfig(**DYNAMIC))
+    smoothings, _ = plan_smoothing(model, plan.candidates, data, QuantConfig(**DYNAMIC))
     assert [s.activation for s in smoothings] == ["h"] and smoothings[0].error[1] < smoothings[0].error[0]
     for selected in ({"proj_q", "proj_k", "proj_v"}, {"proj_k"}):
         model = graphopt.load(proto)
-        notes = apply_smoothing(model, smoothings, selected)
-        assert len(notes) == 1
+        notes, divided = apply_smoothing(model, smoothings, selected)
+        assert len(notes) == 1 and len(divided) == 1
+        assert (next(iter(divided)) == "h") == (not residual and len(selected) == 3)  # folded into the LayerNorm
         if "proj_q" not in selected:  # left float: reads h and w_q as they were
             proj_q = next(n for n in model.graph if n.name == "proj_q")
             assert [v.name for v in proj_q.inputs] == ["h", "w_q"]
@@ -109,10 +117,19 @@ def test_narrow_unfoldable_readers_are_not_smoothed():
     del proto.graph.output[1:]
     model = graphopt.load(proto)
     assert plan_smoothing(model, make_plan(model, {"MatMul", "Gemm"}).candidates, calib(),
-                          QuantConfig(**DYNAMIC)) == []
+                          QuantConfig(**DYNAMIC)) == ([], [])
 
 
 def test_no_smooth_turns_it_off():
     _, report = quantize(ln_model(False), calib(), QuantConfig(**DYNAMIC, smooth=False))
     assert not any("smooth" in note for note in report.notes)
     assert "smoothing plan" not in report.timings_s
+
+
+@pytest.mark.parametrize("mode", [DYNAMIC, STATIC], ids=["dynamic", "static"])
+def test_smoothing_needs_enough_calibration_rows(mode):
+    """4 samples of 24 rows: each channel's max is too rough a guess (in static mode every smoothed channel
+    nears the range's edge and would clip on new data)."""
+    _, report = quantize(ln_model(False), calib(n=4), QuantConfig(**mode))
+    assert any(note.startswith("h not smoothed: 96 calibration rows") for note in report.notes), report.notes
+    assert not any(note.startswith("smoothed") for note in report.notes)
