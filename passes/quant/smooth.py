@@ -2,17 +2,16 @@
 
 An int8 MatMul quantizes its input per tensor (at run time in dynamic mode, from calibrated ranges in
 static mode), so the few channels of a LayerNorm output that run 10-50x larger than the rest set the scale
-for all of them. Dividing input channel j by
-s_j and multiplying row j of the weight by s_j leaves the product exact in float and splits the range
-between the two operands (Xiao et al., "SmoothQuant", 2023): s_j = max|X_j|^alpha / max|W_j|^(1 - alpha).
+for all of them. Dividing input channel j by s_j and multiplying row j of the weight by s_j leaves the
+product exact in float and splits the range between the two operands (Xiao et al., "SmoothQuant", 2023):
+s_j = max|X_j|^alpha / max|W_j|^(1 - alpha).
 
 alpha is chosen per activation by simulating the int8 product on calibration rows (uint8 activations
 ranged per sample as onnxruntime does at run time, or over all samples in static mode; the quantizer's own
-int8 weights). An activation is
-smoothed only where that error drops by ``MIN_GAIN``: the 1/s multiply is an extra elementwise op, unless
-it folds into the LayerNormalization producing the activation (pre-LN transformers). Measured on
-all-MiniLM-L6-v2 (docs/quantize.md): embedding cosine 0.9937 -> 0.9963 (dynamic), for ~1.5 % of its int8
-speed; static 0.9947 -> 0.9967.
+int8 weights). An activation is smoothed only where that error drops by ``MIN_GAIN``: the 1/s multiply is
+an extra elementwise op, unless it folds into the LayerNormalization producing the activation (pre-LN
+transformers). Measured on all-MiniLM-L6-v2 (docs/quantize.md): embedding cosine 0.9937 -> 0.9963
+(dynamic), for ~1.5 % of its int8 speed; static 0.9947 -> 0.9967.
 """
 
 from __future__ import annotations
