@@ -38,6 +38,9 @@ MIN_GAIN = 0.2  # smooth only where the simulated error drops by this fraction
 MIN_WIDTH = 2  # an unfolded 1/s multiply must feed this many outputs per input channel (see _pays)
 SIM_ROWS = 1024  # activation rows the simulation multiplies (spread over the samples)
 SIM_COLS = 256  # weight columns it multiplies them by (spread over the activation's MatMuls)
+# Dynamic mode reads its statistics from the first samples that hold this many rows: every sample took
+# BERT-base (100 samples of 128 tokens) 20 s. Static mode reads all of them: they set x / s's range.
+STAT_ROWS = 4096
 # Each channel's max must come from enough rows: in static mode every smoothed channel nears the range's
 # edge, so one whose calibration max is low clips on new data. With 4 and 16 one-row samples (a model input
 # read by a MatMul) static smoothing lowered the calibration error while held-out cosine fell 0.9997 ->
@@ -162,9 +165,10 @@ def _rows_first(cand: Candidate) -> np.ndarray:
 
 @dataclass
 class _Stats:
-    """Per activation: per-channel max |x| over all data, per-sample per-channel min and max (for the ranges
-    of x / s, exact for any s > 0; in static mode the whole data set is one "sample", its range calibrated
-    once), and up to ``SIM_ROWS`` rows with the sample each came from."""
+    """Per activation: per-channel max |x|, per-sample per-channel min and max (for the ranges of x / s, exact
+    for any s > 0; in static mode the whole data set is one "sample", its range calibrated once), and up to
+    ``SIM_ROWS`` rows with the sample each came from; from the samples holding ``STAT_ROWS`` rows in dynamic
+    mode, all of them in static mode."""
 
     absmax: np.ndarray
     mins: np.ndarray  # (samples, channels)
@@ -176,16 +180,23 @@ class _Stats:
     @classmethod
     def collect(cls, model: Model, groups: Mapping[str, list[Candidate]],
                 samples: Sequence[Mapping[str, np.ndarray]], static: bool) -> dict[str, _Stats]:
-        per_sample = max(1, SIM_ROWS // len(samples))
+        used = len(samples)
         parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {name: [] for name in groups}
         seen = dict.fromkeys(groups, 0)
-        for values in run_exposed(to_proto(model), list(groups), samples, label="model (smoothing statistics)"):
+        for i, values in enumerate(run_exposed(to_proto(model), list(groups), samples,
+                                               label="model (smoothing statistics)")):
+            if i == 0 and not static:  # rows per sample from the first: enough samples for STAT_ROWS rows
+                rows = int(np.prod(np.shape(values[next(iter(groups))])[:-1]))
+                used = min(used, max(1, -(-STAT_ROWS // max(rows, 1))))
+            per_sample = max(1, SIM_ROWS // used)
             for name in groups:
                 x = np.asarray(values[name], np.float32)
                 x = x.reshape(-1, x.shape[-1])
                 keep = x[np.linspace(0, len(x) - 1, min(per_sample, len(x))).astype(int)]
                 seen[name] += len(x)
                 parts[name].append((x.min(0), x.max(0), keep))
+            if i + 1 >= used:
+                break
         stats = {}
         for name, got in parts.items():
             mins, maxs = np.stack([g[0] for g in got]), np.stack([g[1] for g in got])

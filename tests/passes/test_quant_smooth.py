@@ -133,3 +133,14 @@ def test_smoothing_needs_enough_calibration_rows(mode):
     _, report = quantize(ln_model(False), calib(n=4), QuantConfig(**mode))
     assert any(note.startswith("h not smoothed: 96 calibration rows") for note in report.notes), report.notes
     assert not any(note.startswith("smoothed") for note in report.notes)
+
+
+@pytest.mark.parametrize("mode, rows", [(DYNAMIC, 13 * 24), (STATIC, 16 * 24)], ids=["dynamic", "static"])
+def test_dynamic_statistics_stop_after_enough_rows(monkeypatch, mode, rows):
+    """Dynamic mode reads samples until STAT_ROWS rows (13 of these 24-row samples for 300); static mode reads
+    every sample, since they set the static range of x / s. (The row count shows in the note MIN_ROWS gives.)"""
+    monkeypatch.setattr("graphopt.passes.quant.smooth.STAT_ROWS", 300)
+    monkeypatch.setattr("graphopt.passes.quant.smooth.MIN_ROWS", 10**6)
+    model = graphopt.load(ln_model(False))
+    _, notes = plan_smoothing(model, make_plan(model, {"MatMul", "Gemm"}).candidates, calib(), QuantConfig(**mode))
+    assert notes and notes[0].startswith(f"h not smoothed: {rows} calibration rows"), notes
