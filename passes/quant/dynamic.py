@@ -4,6 +4,10 @@
 Measured here (``int8_ops.json``, "dynamic:MatMul"): DynamicQuantizeMatMul and DynamicQuantizeLinear +
 MatMulInteger run at the same speed (onnxruntime fuses the second into the first); the single contrib
 node is emitted because it also takes the bias of a following Add, saving a pass over the output.
+
+Sibling DynamicQuantizeMatMuls (one input, several weights: a transformer's q, k and v projections) become
+one with the weights side by side and a Split: the input is quantized once and the GEMM is 3x wider, with
+the same int8 values and products (outputs bit-identical). MiniLM: 2.04x -> 2.12x fp32's speed.
 """
 
 from __future__ import annotations
@@ -59,8 +63,54 @@ def insert_dynamic(model: Model, selected: set[str], config: QuantConfig) -> Ins
         report.quantized.append(name)
     if report.quantized:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
+        _merge_siblings(model)
     _finish(graph)
     return report
+
+
+def _merge_siblings(model: Model) -> None:
+    """One DynamicQuantizeMatMul, then a Split, for those reading the same input (see the module docstring)."""
+    graph = model.graph
+    if (model.opset() or 0) < 13:  # Split takes its sizes as an input from opset 13
+        return
+    groups: dict[int, list[Node]] = {}
+    for node in graph:
+        if node.op_type == "DynamicQuantizeMatMul" and node.domain == MS_DOMAIN and all(
+                is_const(v) for v in node.inputs[1:] if v is not None) and len(node.inputs[1].shape or ()) == 2:
+            groups.setdefault(id(node.inputs[0]), []).append(node)
+    for nodes in groups.values():
+        if len(nodes) < 2:
+            continue
+        widths = [n.inputs[1].shape[1] for n in nodes]
+        weight = np.concatenate([n.inputs[1].const.numpy() for n in nodes], axis=1)
+        scale, zero, bias = ([_per_column(n, i, w) for n, w in zip(nodes, widths, strict=True)] for i in (2, 3, 4))
+        first, build = nodes[0], _Builder(graph, QuantConfig())
+        inputs = [first.inputs[0], build.const(weight, f"{first.name}_siblings_weight"),
+                  build.const(np.concatenate(scale), f"{first.name}_siblings_scale"),
+                  build.const(np.concatenate(zero), f"{first.name}_siblings_zero_point"),
+                  build.const(np.concatenate(bias), f"{first.name}_siblings_bias")
+                  if any(n.inputs[4] is not None for n in nodes if len(n.inputs) > 4) else None]
+        hint = f"{first.name}_siblings"
+        merged = Node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, outputs=[graph.fresh_name(hint)],
+                      name=graph.fresh_name(hint))
+        sizes = build.const(np.array(widths, np.int64), f"{first.name}_siblings_split")
+        split = Node("Split", [merged.outputs[0], sizes], {"axis": -1}, outputs=len(nodes),
+                     name=graph.fresh_name(f"{first.name}_siblings_split"))
+        graph.insert_before(first, [merged, split])
+        for node, out in zip(nodes, split.outputs, strict=True):
+            name, vtype = node.outputs[0].name, node.outputs[0].type
+            node.outputs[0].replace_all_uses_with(out, include_graph_outputs=True)
+            graph.erase(node)
+            out.name, out.type = name, vtype
+
+
+def _per_column(node: Node, index: int, width: int) -> np.ndarray:
+    """Input ``index`` of a DynamicQuantizeMatMul (scale, zero point or bias) as one value per output column."""
+    value = node.inputs[index] if len(node.inputs) > index else None
+    if value is None:  # no bias: zeros; a missing zero point is 0 as well
+        return np.zeros(width, np.float32 if index != 3 else np.int8)
+    array = value.const.numpy().reshape(-1)
+    return np.broadcast_to(array, (width,)).copy() if array.size == 1 else array
 
 
 def _bias(cand: Candidate):

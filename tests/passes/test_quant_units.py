@@ -340,3 +340,28 @@ def test_output_errors_read_zipmap_probabilities_and_skip_integer_labels():
     assert errors["rel_l2"] == pytest.approx(np.hypot(0.25, 0.25) / np.hypot(0.25, 0.75))
     assert errors["cosine"] == pytest.approx((0.125 + 0.375) / np.hypot(0.25, 0.75) / np.hypot(0.5, 0.5))
     assert output_errors(ref, ref)["sqnr_db"] == np.inf
+
+
+def test_dynamic_siblings_become_one_wider_matmul_with_the_same_outputs(monkeypatch):
+    """q, k and v of one input (a MatMul, a MatMul + bias Add, a Gemm with transB) quantized dynamically: one
+    DynamicQuantizeMatMul and a Split, the input quantized once; every output bit-identical to the three."""
+    import graphopt.passes.quant.dynamic as dynamic
+
+    rng = np.random.default_rng(3)
+    inits = {name: rng.standard_normal(shape).astype(np.float32)
+             for name, shape in (("wq", (32, 16)), ("wk", (32, 24)), ("bk", (24,)), ("wv", (8, 32)))}
+    proto = make_model([helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+                        helper.make_node("MatMul", ["x", "wk"], ["k0"], name="k"),
+                        helper.make_node("Add", ["k0", "bk"], ["k"], name="k_bias"),
+                        helper.make_node("Gemm", ["x", "wv"], ["v"], transB=1, name="v")],
+                       [tensor("x", [6, 32])], [tensor("q", [6, 16]), tensor("k", [6, 24]), tensor("v", [6, 8])], inits)
+    config = QuantConfig(mode="dynamic", latency_aware=False, fuse=False, smooth=False)
+    merged, _ = quantize(proto, samples((6, 32)), config)
+    assert [n.op_type for n in merged.graph] == ["DynamicQuantizeMatMul", "Split"]
+    monkeypatch.setattr(dynamic, "_merge_siblings", lambda model: None)
+    separate, _ = quantize(proto, samples((6, 32)), config)
+    assert [n.op_type for n in separate.graph] == ["DynamicQuantizeMatMul"] * 3
+    feeds = samples((6, 32), n=3)
+    for a, b in zip(run_outputs(graphopt.to_bytes(merged), feeds), run_outputs(graphopt.to_bytes(separate), feeds),
+                    strict=True):
+        assert a.keys() == {"q", "k", "v"} and all(np.array_equal(a[name], b[name]) for name in a)
