@@ -71,12 +71,9 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     if missing := sorted(set(config.nodes_to_exclude) - exported):
         raise GraphoptError(f"no node named {missing[0]!r} to exclude",
                             hint="give node names as `graphopt inspect --json` or Netron show them")
-    fastest_fp32 = None  # graphopt's own fp32 model: what int8 must beat, and what comes back if it does not
+    # fused in full only when a latency check or the float fallback asks for it (_Job.fastest_fp32)
+    unfused = to_bytes(model) if config.fuse and config.mode != "weight_only" else None
     if config.fuse:
-        if config.mode != "weight_only":
-            fastest = graphopt.load(to_bytes(model))
-            graphopt.optimize(fastest, level="fuse")
-            fastest_fp32 = to_bytes(fastest)
         # Packed-QKV Attention computes its projections inside one float op; left as MatMuls feeding
         # MultiHeadAttention they can be quantized (a quarter of a transformer layer's MACs; MiniLM dynamic
         # 1.5x -> 2.3x, static 1.75x -> 2.08x). The FFN padding is for float32 rows: 3072 int8 values are
@@ -102,7 +99,7 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
         smoothings, notes = plan_smoothing(model, plan.candidates, samples, config)
         report.notes += notes
         clock.lap("smoothing plan")
-    job = _Job(fp32, config, ranges, samples, reference, latency_feed, smoothings, fastest_fp32)
+    job = _Job(fp32, config, ranges, samples, reference, latency_feed, smoothings, unfused)
     clock.lap("fp32 reference")
     selected = set(plan.candidates)
     if config.mode == "dynamic" and config.reduce_range is None and saturating_u8s8() and selected:
@@ -245,11 +242,9 @@ class _Job:
 
     def __init__(self, fp32: bytes, config: QuantConfig, ranges, samples, reference: Outputs,
                  latency_feed: Mapping[str, np.ndarray], smoothings: Sequence[Smoothing] = (),
-                 fastest_fp32: bytes | None = None) -> None:
+                 unfused: bytes | None = None) -> None:
         self.fp32, self.config, self.ranges, self.latency_feed = fp32, config, ranges, latency_feed
-        # The quantizer's fp32 model leaves Q/K/V unpacked (to quantize them) and the FFN unpadded; the
-        # fully fused one ran the small transformers 1.32-1.65x the original's speed against 1.08-1.44x.
-        self.fastest_fp32 = fastest_fp32 or fp32
+        self.unfused = unfused  # the model as loaded, when fp32 was fused with rules left out for int8
         self.smoothings = smoothings  # applied per build, to the selected readers only: fp32 gets none
         if not reference:
             reference = _timed_reference(fp32, samples[: config.eval_samples])
@@ -259,6 +254,17 @@ class _Job:
         # ((selected, padded), the config and smoothings it was built with (compared by identity), the build)
         self._builds: list[tuple[tuple[frozenset[str], bool], QuantConfig, Sequence[Smoothing],
                                  tuple[bytes, Inserted]]] = []
+
+    @functools.cached_property
+    def fastest_fp32(self) -> bytes:
+        """graphopt's fully fused model: what int8 must beat, and what comes back if it does not. The quantizer's
+        fp32 model leaves Q/K/V unpacked (to quantize them) and the FFN unpadded; the fully fused one ran the
+        small transformers 1.30-1.69x the original's speed against 1.08-1.44x (bench_quant, session 13)."""
+        if self.unfused is None:
+            return self.fp32
+        model = graphopt.load(self.unfused)
+        graphopt.optimize(model, level="fuse")
+        return to_bytes(model)
 
     @functools.cached_property
     def fp32_session(self) -> ort.InferenceSession:

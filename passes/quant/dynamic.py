@@ -63,12 +63,12 @@ def insert_dynamic(model: Model, selected: set[str], config: QuantConfig) -> Ins
         report.quantized.append(name)
     if report.quantized:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
-        _merge_siblings(model)
+        _merge_siblings(model, build)
     _finish(graph)
     return report
 
 
-def _merge_siblings(model: Model) -> None:
+def _merge_siblings(model: Model, build: _Builder) -> None:
     """One DynamicQuantizeMatMul, then a Split, for those reading the same input (see the module docstring)."""
     graph = model.graph
     if (model.opset() or 0) < 13:  # Split takes its sizes as an input from opset 13
@@ -84,7 +84,7 @@ def _merge_siblings(model: Model) -> None:
         widths = [n.inputs[1].shape[1] for n in nodes]
         weight = np.concatenate([n.inputs[1].const.numpy() for n in nodes], axis=1)
         scale, zero, bias = ([_per_column(n, i, w) for n, w in zip(nodes, widths, strict=True)] for i in (2, 3, 4))
-        first, build = nodes[0], _Builder(graph, QuantConfig())
+        first = nodes[0]
         inputs = [first.inputs[0], build.const(weight, f"{first.name}_siblings_weight"),
                   build.const(np.concatenate(scale), f"{first.name}_siblings_scale"),
                   build.const(np.concatenate(zero), f"{first.name}_siblings_zero_point"),

@@ -358,7 +358,7 @@ def test_dynamic_siblings_become_one_wider_matmul_with_the_same_outputs(monkeypa
     config = QuantConfig(mode="dynamic", latency_aware=False, fuse=False, smooth=False)
     merged, _ = quantize(proto, samples((6, 32)), config)
     assert [n.op_type for n in merged.graph] == ["DynamicQuantizeMatMul", "Split"]
-    monkeypatch.setattr(dynamic, "_merge_siblings", lambda model: None)
+    monkeypatch.setattr(dynamic, "_merge_siblings", lambda model, build: None)
     separate, _ = quantize(proto, samples((6, 32)), config)
     assert [n.op_type for n in separate.graph] == ["DynamicQuantizeMatMul"] * 3
     feeds = samples((6, 32), n=3)
