@@ -13,7 +13,8 @@ Reshape because exporters sometimes read the Transpose's output twice (GPT-2's T
 reshapes it once for Gemm and once for a Shape). The scale may also sit on q and k separately
 (``sqrt(scale)`` each, as SDPA decompositions write it) or be absent; the mask may be an ``Add`` of any
 float tensor that broadcasts to [B, heads, S, T] (BERT's padding mask, GPT-2's causal-and-padding
-mask, ViT's all-zero one) or a ``Where(cond, scores, -inf)``. The mask becomes ``attention_bias``,
+mask) or a ``Where(cond, scores, -inf)``. A mask known to mask nothing (ViT's dynamo export adds zeros
+built at run time, :func:`_no_op_mask`) is dropped; any other becomes ``attention_bias``,
 which onnxruntime requires 4-D with exactly [., ., S, T] in its last dims, so a lower-rank mask is
 unsqueezed and one whose last dims are not provably S and T is expanded (a copy of one [B, 1, S, T]
 tensor per layer). GPT-2's mask thus stays what the exporter computed (causal and padding combined)
@@ -64,7 +65,7 @@ from graphopt.rewrite import MatchContext, Rule, RuleSet
 
 from .attention_shapes import dim_origin, elements, same_dim, split_heads
 from .gelu import bias_vector
-from .norm import ShapeAwareRewritePass, scalar
+from .norm import ShapeAwareRewritePass, scalar, uniform_value
 
 MS = "com.microsoft"
 FILL_MIN = -1e30  # a Where fill at least this negative acts like -inf: scores + fill == fill in float32
@@ -152,7 +153,24 @@ def _attention_condition(ctx: MatchContext, q: Value, k: Value, v: Value, **b):
     mask = b.get("mask_value") if b.get("mask_value") is not None else b.get("cond")
     # what the replacement needs is what was computed to decide: passed on as extra bindings
     return _softmax_last_axis(ctx, b["softmax"]) or _mask_problem(mask, split["q"].num_heads) or {
-        "heads": split["q"], "softmax_scale": scale}
+        "heads": split["q"], "softmax_scale": scale, "no_op_mask": _no_op_mask(b, q, k, split["q"].num_heads)}
+
+
+def _no_op_mask(b: dict, q: Value, k: Value, heads: int) -> bool:
+    """Whether the mask changes nothing: an additive one known to be all zeros, or a Where whose condition
+    is known to be all true (ViT's dynamo export adds ``Where(Expand(true, [B, 1, S, S]), 0, -inf)`` in
+    every layer), and whose dims do not broadcast the scores to a bigger shape. Without it, onnxruntime's
+    attention op skips reading a [B, 1, S, T] bias per head."""
+    mask = b.get("mask_value") if b.get("mask_value") is not None else b.get("cond")
+    if mask is None or uniform_value(mask) != (0.0 if b.get("cond") is None else 1.0):
+        return False
+    shape = (1,) * (4 - len(mask.shape)) + tuple(mask.shape)
+    offset = 4 - len(mask.shape)
+
+    def fits(i: int, ref: Value, j: int) -> bool:
+        return shape[i] == 1 or (i >= offset and same_dim(mask, i - offset, ref, j))
+
+    return fits(0, q, 0) and shape[1] in (1, heads) and fits(2, q, 1) and fits(3, k, 1)
 
 
 # ------------------------------------------------------------------------------------------ replacement
@@ -184,11 +202,11 @@ def attention_bias(op, mask: Value, q: Value, k: Value, opset: int) -> Value:
 
 
 def _attention_replacement(op, q: Value, k: Value, v: Value, ctx: MatchContext, heads, softmax_scale: float,
-                           **b) -> Value:
+                           no_op_mask: bool, **b) -> Value:
     opset = ctx.model.opset() or 13
     inputs = [q, k, v]
-    mask = b.get("mask_value")
-    if b.get("cond") is not None:
+    mask = None if no_op_mask else b.get("mask_value")
+    if b.get("cond") is not None and not no_op_mask:
         mask = op.Where(b["cond"], op.const(np.float32(0)), b["fill"], _type=TensorType(1, b["cond"].shape))
     if mask is not None:
         inputs += [None, None, attention_bias(op, mask, q, k, opset)]

@@ -70,6 +70,39 @@ def scalar(value: Value | None) -> float | None:
     return float(value.const.numpy().reshape(-1)[0])
 
 
+#: Ops whose output holds only values of input 0 (so a uniform input gives a uniform output).
+_SAME_ELEMENTS = frozenset({"Expand", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose"})
+UNIFORM_MAX_ELEMENTS = 1 << 16
+
+
+def uniform_value(value: Value | None, depth: int = 8) -> float | None:
+    """The number every element of ``value`` is known to equal (a bool as 0/1), else None: through constants,
+    ``ConstantOfShape``, ``Where`` and ops that only move or repeat elements, so a tensor of run-time shape
+    built from a constant (an exporter's "no mask" mask, ``Expand(0, [B, 1, S, S])``) is recognised."""
+    if value is None or depth == 0:
+        return None
+    if value.const is not None:
+        if not 0 < value.const.size <= UNIFORM_MAX_ELEMENTS:
+            return None
+        flat = value.const.numpy().reshape(-1)
+        return float(flat[0]) if np.all(flat == flat[0]) else None
+    node = value.producer
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type in _SAME_ELEMENTS:
+        return uniform_value(node.inputs[0], depth - 1)
+    if node.op_type == "ConstantOfShape":
+        fill = node.attr("value")
+        return 0.0 if fill is None else float(fill.numpy().reshape(-1)[0])
+    if node.op_type == "Where":
+        cond = uniform_value(node.inputs[0], depth - 1)
+        if cond is not None:
+            return uniform_value(node.inputs[1] if cond else node.inputs[2], depth - 1)
+        a, b = uniform_value(node.inputs[1], depth - 1), uniform_value(node.inputs[2], depth - 1)
+        return a if a is not None and a == b else None
+    return None
+
+
 def reduce_axes(node: Node) -> list[int] | None:
     """Axes of a ReduceMean (attribute before opset 18, constant input since), None if not constant."""
     if len(node.inputs) > 1 and node.inputs[1] is not None:

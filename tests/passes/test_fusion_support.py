@@ -113,3 +113,23 @@ def test_channel_vector_accepts_per_channel_shapes(shape, rank, expected):
 def test_channel_vector_refuses_other_shapes(shape, rank, axis, why):
     result = channel_vector(shape, rank, 3, axis=axis)
     assert isinstance(result, str) and why in result
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("y = ConstantOfShape <value = float[1] {0.5}> (s)", 0.5),
+    ("y = ConstantOfShape (s)", 0.0),
+    ("e = Expand (twos, s)\n y = Reshape (e, flat)", 2.0),
+    ("c = Expand (trues, s)\n y = Where (c, twos, x)", 2.0),  # the condition decides: x never read
+    ("y = Where (x_pos, twos, twos)", 2.0),  # both branches equal
+    ("y = Where (x_pos, twos, x)", None),
+    ("y = Expand (ramp, s)", None),  # a constant whose elements differ
+    ("y = Relu (twos)", None),  # an op that computes is not followed
+])
+def test_uniform_value(body, expected):
+    from graphopt.passes.fusion.norm import uniform_value
+    model = graphopt.load(model_from(f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3] x, int64[2] s, bool[2, 3] x_pos) => (float y) {{ {body} }}""", {
+        "twos": np.full((1, 3), 2, np.float32), "trues": np.ones((1, 1), bool), "ramp": np.arange(3, dtype=np.float32),
+        "flat": np.array([-1])}))
+    (y,) = model.graph.outputs
+    assert uniform_value(y) == expected

@@ -186,6 +186,48 @@ def test_mask_without_provable_sequence_dims_is_expanded():
     check(model, fused)
 
 
+def no_op_mask(form: str, batch_from: str = "x") -> onnx.ModelProto:
+    """ViT's dynamo export: a mask that masks nothing, built at run time from the batch size,
+    ``Where(Expand(true, [B, 1, S, S]), 0, min)`` added to the scores ("add"), or the expanded condition
+    itself as a Where mask ("where"). ``batch_from`` names the input whose dim 0 gives B."""
+    b = Block()
+    q, k, v = b.projections()
+    shape = b.const("split_shape", np.array([0, 0, HEADS, HEAD]))
+    qh, kt, vh = b.heads(q, shape, [0, 2, 1, 3]), b.heads(k, shape, [0, 2, 3, 1]), b.heads(v, shape, [0, 2, 1, 3])
+    scores = b.node("Mul", [b.node("MatMul", [qh, kt], "scores"), b.const("scale", np.float32(HEAD ** -0.5))],
+                    "scaled")
+    if batch_from != "x":
+        b.inputs.append(helper.make_tensor_value_info(batch_from, F, ["n", 1]))
+    lead = b.node("Shape", [batch_from], "lead", start=0, end=1)
+    seq = b.node("Shape", ["x"], "seq_dim", start=1, end=2)
+    target = b.node("Concat", [lead, b.const("one", np.array([1])), seq, seq], "mask_shape", axis=0)
+    keep = b.node("Expand", [b.const("all_true", np.ones((1, 1, 1, 1), bool)), target], "keep")
+    minimum = b.const("fill", np.float32(np.finfo(np.float32).min))
+    if form == "add":
+        mask = b.node("Where", [keep, b.const("zero", np.float32(0)), minimum], "mask")
+        scores = b.node("Add", [scores, mask], "masked")
+    else:
+        scores = b.node("Where", [keep, scores, minimum], "masked")
+    return b.finish(scores, vh, b.const("merge_shape", np.array([0, 0, D])))
+
+
+@pytest.mark.parametrize("form", ["add", "where"])
+def test_mask_that_masks_nothing_is_dropped(form: str):
+    original = no_op_mask(form)
+    fused = fuse(original, ("fuse-attention", "pack-qkv-attention"))
+    node = only(fused, "Attention")
+    assert len(node.inputs) == 3  # no attention_bias for onnxruntime to read per head
+    assert not {"Where", "Expand"} & set(ops(fused))
+    check(original, fused)
+
+
+def test_mask_of_zeros_that_may_broadcast_the_batch_is_kept():
+    """B read from another input: dropping the zeros would drop a broadcast to n rows."""
+    original = no_op_mask("add", batch_from="other")
+    fused = fuse(original)
+    assert only(fused, "MultiHeadAttention").inputs[5] is not None
+
+
 def test_softmax_on_another_axis_is_refused():
     model = bert_like()
     for node in model.graph.node:
