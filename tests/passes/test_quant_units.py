@@ -332,6 +332,24 @@ def test_concat_inputs_share_one_scale():
     assert output_errors(ref, got)["cosine"] > 0.999
 
 
+def test_concat_of_far_apart_ranges_stays_float():
+    """A branch 100x narrower than the other would keep ~2 of the shared scale's levels (ViT's class token)."""
+    wa = (RNG.standard_normal((4, 3, 3, 3)) / 100).astype(np.float32)
+    wb = (RNG.standard_normal((4, 3, 3, 3))).astype(np.float32)
+    proto = make_model([helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
+                        helper.make_node("Conv", ["x", "wb"], ["b"], pads=[1, 1, 1, 1], name="conv_b"),
+                        helper.make_node("Concat", ["a", "b"], ["y"], axis=1, name="cat")],
+                       [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 8, 8, 8])], {"wa": wa, "wb": wb})
+    calib = samples((1, 3, 8, 8))
+    model, report = quantize(proto, calib, QuantConfig(latency_aware=False, fuse=False, op_types=["Conv", "Concat"]))
+    (cat,) = [f for f in report.kept_float if f.node == "cat"]
+    assert "input a spans" in cat.detail and "too few levels" in cat.detail
+    assert nodes(model, "Concat")[0].inputs[0].producer.op_type == "DequantizeLinear"  # conv_a: int8, then float
+    ref, got = run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib)
+    narrow = output_errors([{"y": r["y"][:, :4]} for r in ref], [{"y": g["y"][:, :4]} for g in got])
+    assert narrow["cosine"] > 0.999  # the narrow branch keeps its own scale
+
+
 def test_output_errors_read_zipmap_probabilities_and_skip_integer_labels():
     # a scikit-learn classifier's outputs: int64 labels and ZipMap's list of {class: probability} maps
     ref = [{"label": np.array([1]), "probabilities": [{0: 0.25, 1: 0.75}]}]
