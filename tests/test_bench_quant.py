@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import parse
 from tools.bench.quant_data import build_data
 from tools.bench.quantizers import ORT_METHODS
-from tools.bench_quant import _not_slower_check, default_method, evaluate, main, score
+from tools.bench_quant import _equal_speed_check, _not_slower_check, default_method, evaluate, main, score
 
 MODEL = "digits_cnn_torchscript"
 TOOLS = ("graphopt_static", "ort_static_u8s8")
@@ -107,6 +107,28 @@ def test_slower_than_fp32_means_slower_than_the_runs_own_noise():
                                 model("d", 0.985, 1.0)])
     assert slower["met"] is False and "a graphopt_static 0.970x" in slower["line"] and " c " in slower["line"]
     assert " d " in slower["line"] and " b " not in slower["line"]
+
+
+def test_equal_speed_asks_for_one_unbeaten_graphopt_mode():
+    def variant(speedup, sqnr, ok=True):
+        return {"ok": ok, "speedup": speedup, "metrics": {"sqnr_db": sqnr}}
+
+    def check(**variants):
+        return _equal_speed_check({"model": "m", "kind": "random", "variants": variants})
+
+    # ViT-base: static loses to onnxruntime's per-channel dynamic; graphopt's dynamic ties it (same int8 values)
+    vit = check(graphopt_static=variant(2.88, 31.82), graphopt_dynamic=variant(2.86, 33.5913),
+                ort_dynamic_pc_matmul=variant(2.75, 33.5921), ort_dynamic=variant(2.69, 31.0))
+    assert vit["met"] is True
+    assert "than graphopt_dynamic (2 compared)" in vit["line"] and "beats graphopt_static" in vit["line"]
+    both = check(graphopt_static=variant(2.88, 31.8), graphopt_dynamic=variant(2.86, 33.0),
+                 ort_dynamic_pc_matmul=variant(2.75, 33.5))
+    assert both["met"] is False and "beats graphopt_dynamic" in both["line"]
+    slower_peer = check(graphopt_static=variant(3.0, 33.7), ort_dynamic_pc_matmul=variant(1.0, 43.4))
+    assert slower_peer["met"] is True  # a float-speed peer is not "equal speed"
+    invalid = check(graphopt_static=variant(2.0, 40.0), graphopt_dynamic={"ok": False, "error": "invalid model"},
+                    ort_static_u8s8=variant(2.0, 30.0))
+    assert invalid["met"] is False and "graphopt_dynamic" in invalid["line"]
 
 
 def test_score_against_fp32_and_labels():
