@@ -159,8 +159,8 @@ def _attention_condition(ctx: MatchContext, q: Value, k: Value, v: Value, **b):
 def _no_op_mask(b: dict, q: Value, k: Value, heads: int) -> bool:
     """Whether the mask changes nothing: an additive one known to be all zeros, or a Where whose condition
     is known to be all true (ViT's dynamo export adds ``Where(Expand(true, [B, 1, S, S]), 0, -inf)`` in
-    every layer), and whose dims do not broadcast the scores to a bigger shape. Without it, onnxruntime's
-    attention op skips reading a [B, 1, S, T] bias per head."""
+    every layer), and whose dims do not broadcast the scores to a bigger shape. Dropped, it no longer keeps
+    onnxruntime's CPU MultiHeadAttention off its flash-attention path, which takes no bias."""
     mask = b.get("mask_value") if b.get("mask_value") is not None else b.get("cond")
     if mask is None or uniform_value(mask) != (0.0 if b.get("cond") is None else 1.0):
         return False

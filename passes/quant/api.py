@@ -34,7 +34,7 @@ from .prepare import spatial_means_to_pooling
 from .qdq import Inserted, insert_static, insert_weight_only
 from .qparams import qrange
 from .ranges import clip_range
-from .report import EXCLUDED, LATENCY, SENSITIVITY, UNSUPPORTED, FloatNode, LayerError, QuantReport
+from .report import EXCLUDED, LATENCY, RANGES, SENSITIVITY, UNSUPPORTED, FloatNode, LayerError, QuantReport
 from .smooth import Smoothing, apply_smoothing, plan_smoothing
 
 log = logging.getLogger(__name__)
@@ -237,12 +237,13 @@ def _float_concats_of_unequal_ranges(plan: Plan, ranges: Mapping[str, tuple[floa
     for name, cand in list(plan.candidates.items()):
         if cand.kind != "Concat":
             continue
-        spans = {v.name: ranges[v.name][1] - ranges[v.name][0] for v in (cand.node.inputs[i] for i in cand.activations)}
-        union = (max(ranges[n][1] for n in spans) - min(ranges[n][0] for n in spans))
+        inputs = [cand.node.inputs[i].name for i in cand.activations]
+        spans = {n: ranges[n][1] - ranges[n][0] for n in inputs}
+        union = max(ranges[n][1] for n in inputs) - min(ranges[n][0] for n in inputs)
         narrow = min(spans, key=spans.__getitem__)
         if spans[narrow] < union * CONCAT_MIN_SPAN:
             del plan.candidates[name]
-            plan.kept_float.append(FloatNode(name, cand.node.op_type, UNSUPPORTED,
+            plan.kept_float.append(FloatNode(name, cand.node.op_type, RANGES,
                                              f"input {narrow} spans {spans[narrow]:.3g} of the {union:.3g} its "
                                              "int8 copy would share: too few levels left for it"))
 

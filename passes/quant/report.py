@@ -12,6 +12,7 @@ from rich.text import Text
 
 # Why a node stayed in float (FloatNode.reason).
 SENSITIVITY, LATENCY, UNSUPPORTED, EXCLUDED = "sensitivity", "latency", "unsupported", "excluded"
+RANGES = "ranges"  # a Concat whose inputs' ranges are too far apart to share one int8 scale
 
 
 @dataclass
@@ -29,7 +30,7 @@ class LayerError:
 
 @dataclass
 class FloatNode:
-    """A node left in float and why (SENSITIVITY, LATENCY, UNSUPPORTED or EXCLUDED)."""
+    """A node left in float and why (SENSITIVITY, LATENCY, UNSUPPORTED, EXCLUDED or RANGES)."""
 
     node: str
     op_type: str
