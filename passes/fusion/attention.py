@@ -153,19 +153,19 @@ def _attention_condition(ctx: MatchContext, q: Value, k: Value, v: Value, **b):
     mask = b.get("mask_value") if b.get("mask_value") is not None else b.get("cond")
     # what the replacement needs is what was computed to decide: passed on as extra bindings
     return _softmax_last_axis(ctx, b["softmax"]) or _mask_problem(mask, split["q"].num_heads) or {
-        "heads": split["q"], "softmax_scale": scale, "no_op_mask": _no_op_mask(b, q, k, split["q"].num_heads)}
+        "heads": split["q"], "softmax_scale": scale,
+        "no_op_mask": _no_op_mask(mask, b.get("cond") is None, q, k, split["q"].num_heads)}
 
 
-def _no_op_mask(b: dict, q: Value, k: Value, heads: int) -> bool:
+def _no_op_mask(mask: Value | None, additive: bool, q: Value, k: Value, heads: int) -> bool:
     """Whether the mask changes nothing: an additive one known to be all zeros, or a Where whose condition
     is known to be all true (ViT's dynamo export adds ``Where(Expand(true, [B, 1, S, S]), 0, -inf)`` in
     every layer), and whose dims do not broadcast the scores to a bigger shape. Dropped, it no longer keeps
     onnxruntime's CPU MultiHeadAttention off its flash-attention path, which takes no bias."""
-    mask = b.get("mask_value") if b.get("mask_value") is not None else b.get("cond")
-    if mask is None or uniform_value(mask) != (0.0 if b.get("cond") is None else 1.0):
+    if mask is None or uniform_value(mask) != (0.0 if additive else 1.0):
         return False
-    shape = (1,) * (4 - len(mask.shape)) + tuple(mask.shape)
     offset = 4 - len(mask.shape)
+    shape = (1,) * offset + tuple(mask.shape)
 
     def fits(i: int, ref: Value, j: int) -> bool:
         return shape[i] == 1 or (i >= offset and same_dim(mask, i - offset, ref, j))
@@ -205,9 +205,10 @@ def _attention_replacement(op, q: Value, k: Value, v: Value, ctx: MatchContext, 
                            no_op_mask: bool, **b) -> Value:
     opset = ctx.model.opset() or 13
     inputs = [q, k, v]
-    mask = None if no_op_mask else b.get("mask_value")
-    if b.get("cond") is not None and not no_op_mask:
-        mask = op.Where(b["cond"], op.const(np.float32(0)), b["fill"], _type=TensorType(1, b["cond"].shape))
+    mask = None
+    if not no_op_mask:
+        mask = b.get("mask_value") if b.get("cond") is None else op.Where(
+            b["cond"], op.const(np.float32(0)), b["fill"], _type=TensorType(1, b["cond"].shape))
     if mask is not None:
         inputs += [None, None, attention_bias(op, mask, q, k, opset)]
     out = op.MultiHeadAttention(*inputs, _domain=MS, num_heads=heads.num_heads, scale=softmax_scale,
