@@ -186,25 +186,30 @@ def test_one_lucky_timing_does_not_keep_int8(zoo, digits, monkeypatch):
 
 
 # (the pay check's readings of the int8 model unpadded and padded; the all-int8 model's in the first-layers
-#  timing and its 1-4 layers float variants'; the best variant's in the second; which model is kept)
-@pytest.mark.parametrize("pay, base, variants, again, expected", [
-    ((0.80, 0.79), 0.8, [0.75, 0.70, 0.78, 0.9], 0.72, 2),
-    ((0.80, 0.70), 0.7, [0.78, 0.79, 0.79, 0.9], None, "pad"),
-    ((0.80, 0.85), 0.8, [0.70, 0.78, 0.79, 0.9], 0.80, None),
-    ((0.80, 0.82), 0.8, [0.79, 0.78, 0.79, 0.9], None, None),
-    ((0.80, 0.82), 1.0, [0.96, 0.97, 0.99, 0.99], None, None),
-    ((1.04, 0.83), 0.83, [0.95, 0.99, 0.99, 0.99], None, "pad"),
+#  timing and its 1-4 layers float variants'; the best variant's in the second; the output errors of the all-int8
+#  model and of the variants as fast as it, when they are measured; which model is kept)
+@pytest.mark.parametrize("pay, base, variants, again, errors, expected", [
+    ((0.80, 0.79), 0.8, [0.75, 0.70, 0.78, 0.9], 0.72, None, 2),
+    ((0.80, 0.70), 0.7, [0.78, 0.79, 0.79, 0.9], None, None, "pad"),
+    ((0.80, 0.85), 0.8, [0.70, 0.78, 0.79, 0.9], 0.80, None, None),
+    ((0.80, 0.82), 0.8, [0.79, 0.78, 0.79, 0.9], None, [1.0, 0.95, 0.92, 0.99], None),
+    ((0.80, 0.82), 1.0, [0.96, 0.97, 0.99, 0.99], None, None, None),
+    ((1.04, 0.83), 0.83, [0.95, 0.99, 0.99, 0.99], None, None, "pad"),
+    ((0.80, 0.82), 0.8, [0.79, 0.78, 0.79, 0.9], 0.81, [1.0, 0.95, 0.5, 0.7], 2),
+    ((0.80, 0.82), 0.8, [0.79, 0.78, 0.79, 0.9], 0.83, [1.0, 0.95, 0.5, 0.7], None),
 ])
-def test_the_first_layers_change_only_when_timed_faster_twice(zoo, digits, monkeypatch, pay, base, variants, again,
-                                                              expected):
+def test_the_first_layers_change_only_when_timed_faster_or_as_fast_and_more_accurate_twice(
+        zoo, digits, monkeypatch, pay, base, variants, again, errors, expected):
     """The pay check times the int8 model with and without the stem's input channels padded and keeps the
-    faster (last case: unpadded it does not pay, padded it does, and every conv stays int8). A prefix of float
-    layers is then kept only when the fastest takes at most FLOAT_PREFIX_BELOW of the all-int8 time, and pays
+    faster (sixth case: unpadded it does not pay, padded it does, and every conv stays int8). A prefix of float
+    layers is then kept when the fastest takes at most FLOAT_PREFIX_BELOW of the all-int8 time, and pays
     against fp32 itself, in the timing of all of them and again alone (fifth case: 0.96 beats an all-int8
-    reading of 1.0 but does not pay)."""
+    reading of 1.0 but does not pay). Failing that, the most accurate of the variants at most
+    FLOAT_PREFIX_AS_FAST of the all-int8 time is kept when its output error is at most FLOAT_PREFIX_ERROR of the
+    all-int8 model's and the second timing agrees (the last three cases)."""
     if not has_conv_sym_kernels():
         pytest.skip("input channels are padded for x86's int8 conv kernel only")
-    calls = []
+    calls, errors_left = [], list(errors or [])
 
     def fake_ratios(sessions, feed):
         calls.append(len(sessions))
@@ -214,8 +219,10 @@ def test_the_first_layers_change_only_when_timed_faster_twice(zoo, digits, monke
     monkeypatch.setattr("graphopt.passes.quant.api.paired_latency",
                         lambda model, baseline, feed: (min(pay), {"quantized": min(pay), "fp32": 1.0}))
     monkeypatch.setattr("graphopt.passes.quant.api.interleaved_ratios", fake_ratios)
-    model, report = quantize(str(zoo.build("digits_cnn_dynamo")), digits["calib"], QuantConfig())
+    monkeypatch.setattr("graphopt.passes.quant.api._Job.model_error", lambda job, model: errors_left.pop(0))
+    model, report = quantize(str(zoo.build("digits_cnn_dynamo")), digits["calib"], QuantConfig(smooth=False))
     assert calls == [3, 2 + 4] + ([] if again is None else [3])  # fp32 + int8 twice; fp32, int8, 1-4 float
+    assert not errors_left  # the all-int8 model's and each as-fast variant's error were measured, no other
     floats = [f for f in report.kept_float if f.reason == "latency"]
     assert len(floats) == (expected if isinstance(expected, int) else 0) and report.quantized_nodes > 0
     stem_int8 = any(n.op_type == "QuantizeLinear" and n.inputs[0].name == "images" for n in model.graph)
@@ -223,6 +230,7 @@ def test_the_first_layers_change_only_when_timed_faster_twice(zoo, digits, monke
     assert any(n.op_type == "Pad" for n in model.graph) == (expected == "pad")
     if expected == 2:
         assert floats[0].op_type == "Conv" and "first 2 layer(s) float" in floats[0].detail
+        assert ("output error 0.5 against 1" in floats[0].detail) == (errors is not None)
     assert any("input channels padded" in note for note in report.notes) == (expected == "pad")
     assert report.latency_ratio == (min(pay) if expected != 2 else max(again, variants[1]))
 
