@@ -482,13 +482,14 @@ def _first_layers(job: _Job, model: Model, plan: Plan, selected: set[str], pad: 
     ratios, ms = interleaved_ratios([job.fp32_session] + [session(m) for m in [all_int8] + [v[1] for v in variants]],
                                     feed)
     best = min(range(len(variants)), key=lambda k: ratios[k + 2])
-    accuracy = ""
-    if not _variant_pays(ratios[best + 2], ratios[1]):
+    share, accuracy = FLOAT_PREFIX_BELOW, ""  # how fast the variant must be, and (if kept as fast) its errors
+    if not _variant_pays(ratios[best + 2], ratios[1], share):
+        share = FLOAT_PREFIX_AS_FAST
         best, accuracy = _more_accurate_as_fast(job, all_int8, variants, ratios)
         if best is None:
             return selected, pad
     again, ms_again = interleaved_ratios([job.fp32_session, session(all_int8), session(variants[best][1])], feed)
-    if not (_variant_as_fast if accuracy else _variant_pays)(again[2], again[1]):
+    if not _variant_pays(again[2], again[1], share):
         return selected, pad
     readings = [(ratios[best + 2], ratios[1], ms[best + 2], ms[0]), (again[2], again[1], ms_again[2], ms_again[0])]
     ratio, int8_ratio, int8_ms, fp32_ms = max(readings)  # the slower reading decides what is reported
@@ -501,14 +502,11 @@ def _first_layers(job: _Job, model: Model, plan: Plan, selected: set[str], pad: 
     return chosen, False
 
 
-def _variant_pays(variant: float, all_int8: float) -> bool:
-    """A variant of the first layers is kept when its model beats the all-int8 one clearly and still pays
-    against fp32 itself (both ratios are to fp32's time in the same timing)."""
-    return variant <= FLOAT_PREFIX_BELOW * all_int8 and variant <= PAYS_BELOW
-
-
-def _variant_as_fast(variant: float, all_int8: float) -> bool:
-    return variant <= FLOAT_PREFIX_AS_FAST * all_int8 and variant <= PAYS_BELOW
+def _variant_pays(variant: float, all_int8: float, share: float) -> bool:
+    """A variant of the first layers takes at most ``share`` of the all-int8 model's time (FLOAT_PREFIX_BELOW:
+    clearly faster; FLOAT_PREFIX_AS_FAST: as fast) and still pays against fp32 itself (both ratios are to
+    fp32's time in the same timing)."""
+    return variant <= share * all_int8 and variant <= PAYS_BELOW
 
 
 def _more_accurate_as_fast(job: _Job, all_int8: bytes, variants: Sequence[tuple[set[str], bytes, str]],
@@ -519,7 +517,7 @@ def _more_accurate_as_fast(job: _Job, all_int8: bytes, variants: Sequence[tuple[
     An int8 first layer that saves no time should not cost accuracy: ViT-base's patch-embedding conv (0.7 % of
     its MACs) ran as fast in float (2.776x against 2.772x fp32's speed, paired) and the output SQNR on held-out
     images rose from 31.9 to 33.5 dB."""
-    as_fast = [k for k in range(len(variants)) if _variant_as_fast(ratios[k + 2], ratios[1])]
+    as_fast = [k for k in range(len(variants)) if _variant_pays(ratios[k + 2], ratios[1], FLOAT_PREFIX_AS_FAST)]
     if not as_fast:
         return None, ""
     base = job.model_error(all_int8)

@@ -206,7 +206,7 @@ def test_the_first_layers_change_only_when_timed_faster_or_as_fast_and_more_accu
     against fp32 itself, in the timing of all of them and again alone (fifth case: 0.96 beats an all-int8
     reading of 1.0 but does not pay). Failing that, the most accurate of the variants at most
     FLOAT_PREFIX_AS_FAST of the all-int8 time is kept when its output error is at most FLOAT_PREFIX_ERROR of the
-    all-int8 model's and the second timing agrees (the last three cases)."""
+    all-int8 model's and the second timing agrees (the fourth and the last two cases)."""
     if not has_conv_sym_kernels():
         pytest.skip("input channels are padded for x86's int8 conv kernel only")
     calls, errors_left = [], list(errors or [])
