@@ -6,7 +6,7 @@ onnxruntime.transformers.optimizer's output (transformers only), graphopt's defa
 layout that onnxruntime's ALL level applies, bound to this CPU). Each is checked against the original
 in onnxruntime at every measured input shape, then all of them run under ORT_ENABLE_ALL and
 ORT_ENABLE_BASIC in one process, interleaved round by round in rotated order, each model warm in its
-round (:func:`tools.bench.latency.measure_interleaved`; 2 intra-op threads, no spinning), at batch 1
+round (:func:`graphopt.timing.measure_interleaved`; 2 intra-op threads, no spinning), at batch 1
 and 8 (text models at sequence length 128). The original is measured a
 second time under ORT_ENABLE_ALL as an A/A control: its ratio to the original is the run's noise.
 Ratios are medians over rounds of per-round ratios to the original under ORT_ENABLE_ALL. Session creation

@@ -59,7 +59,7 @@ from rich.table import Table
 
 import graphopt
 from graphopt.passes.prune import PruneConfig, prune
-from tools.bench.latency import measure_interleaved
+from graphopt.timing import measure_interleaved
 from tools.bench.pairing import paired_ratio
 from tools.bench.sessions import cpu_session
 from tools.zoo import MODELS, build, load_data, make_inputs

@@ -4,7 +4,7 @@ in one run, with the same calibration data for every tool.
 Per model (data: :mod:`tools.bench.quant_data`) and variant: onnxruntime CPU latency (ORT_ENABLE_ALL, 2
 intra-op threads, every variant interleaved in one process in rotated order, median of >= 50 rounds after
 warm-up, more for fast models; in a round each model runs warm, a ~5 ms block of back-to-back calls, see
-:func:`tools.bench.latency.measure_interleaved`), the speed-up over fp32 in that same run (median over rounds
+:func:`graphopt.timing.measure_interleaved`), the speed-up over fp32 in that same run (median over rounds
 of the per-round ratio, which survives the machine's drift; also for CPU time), an A/A control (fp32 measured
 twice: the run's noise), file size, accuracy, the tool's wall time, and its error text when it fails. A model
 that the checker or onnxruntime rejects counts as that tool's failure ("invalid model"), not as a crash of the

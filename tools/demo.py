@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import graphopt  # noqa: E402
 from graphopt.optimize import optimize  # noqa: E402
-from graphopt.passes.quant.evaluate import interleaved_ratios  # noqa: E402
+from graphopt.timing import interleaved_ratios  # noqa: E402
 from graphopt.verify import render_report, verify_models  # noqa: E402
 from tools.zoo import MODELS, build, make_inputs  # noqa: E402
 

@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 if __package__ in (None, ""):  # run as a script: make `tools` and `graphopt` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.bench.latency import LatencyStats, measure_interleaved, raise_failures  # noqa: E402
+from graphopt.timing import LatencyStats, measure_interleaved, raise_failures  # noqa: E402
 from tools.bench.pairing import paired_ratio  # noqa: E402
 
 log = logging.getLogger("measure_attention_ops")

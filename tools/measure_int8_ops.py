@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 if __package__ in (None, ""):  # run as a script: make `tools` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.bench.latency import measure_interleaved, raise_failures  # noqa: E402
+from graphopt.timing import measure_interleaved, raise_failures  # noqa: E402
 
 F, U8, I8 = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT8
 OUT = Path(__file__).resolve().parents[1] / "passes" / "quant" / "int8_ops.json"

@@ -107,7 +107,8 @@ def onnxruntime_measure(proto: onnx.ModelProto, shapes: ShapeTable, protect: Seq
     """A ``Measure`` timing pruned copies of ``proto`` in onnxruntime CPU, all plans of one call interleaved in
     rotated order for about ``seconds``; each plan's time is the median over rounds of its ratio to the first
     plan's in that round."""
-    from graphopt.passes.quant.evaluate import interleaved_ratios, session
+    from graphopt.passes.quant.evaluate import session
+    from graphopt.timing import interleaved_ratios
 
     sessions: dict[tuple, object] = {}
 

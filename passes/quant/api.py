@@ -20,13 +20,14 @@ from graphopt.ir import Model
 from graphopt.onnx_io import ModelLike, to_bytes, to_proto
 from graphopt.passes.prune.calib import run_exposed
 from graphopt.pipeline import PassContext, get_pass
+from graphopt.timing import interleaved_ratios
 
 from .align import flatten_channels_last, pad_input_channels
 from .budget import fit_budget, sensitivities
 from .calib import CalibSource, load_calibration
 from .config import QuantConfig
 from .dynamic import insert_dynamic
-from .evaluate import Outputs, interleaved_ratios, metric_value, output_errors, paired_latency, run_outputs, session
+from .evaluate import Outputs, metric_value, output_errors, paired_latency, run_outputs, session
 from .observe import float_tensors, observe, progress_bar
 from .optable import STATIC_KINDS, WEIGHT_KINDS, fused_kinds, saturating_u8s8, speedup
 from .plan import Plan, make_plan

@@ -4,14 +4,13 @@ kernels): outputs on calibration samples, the output error metrics, and interlea
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from graphopt.errors import GraphoptError
+from graphopt.timing import interleaved_ratios
 
 Outputs = list[dict[str, np.ndarray]]
 
@@ -76,46 +75,10 @@ def metric_value(errors: Mapping[str, float], metric: str) -> float:
     return 1.0 - errors["cosine"] if metric == "cosine" else errors["rel_l2"]
 
 
-def interleaved_ratios(sessions: Sequence[ort.InferenceSession], feed: Mapping[str, np.ndarray],
-                       seconds: float = 2.0, min_rounds: int = 5, max_rounds: int = 2000,
-                       warmup: int = 2, round_ms: float = 1.0) -> tuple[list[float], list[float]]:
-    """(each session's median over rounds of its time / the first session's, each one's median ms).
-
-    A ratio per round, not a ratio of medians: on a shared machine the load drifts within a second,
-    and each round sees the same load for every model. The order rotates each round so no model
-    always runs right after the same one. In a round each model runs enough times in a row for the fastest
-    to take ``round_ms`` (and warms up as many times over): one run of a 30 us model is mostly timer and
-    thread wake-up jitter, and 2000 single-run rounds of the digits CNN lasted 0.1 s, so the quantizer's
-    verdict on it flipped between runs (0.83x to 1.03x fp32's time).
-    """
-    fastest = math.inf
-    for sess in sessions:
-        for _ in range(warmup):
-            t = time.perf_counter()
-            sess.run(None, dict(feed))
-            fastest = min(fastest, (time.perf_counter() - t) * 1000)
-    reps = max(1, math.ceil(round_ms / max(fastest, 1e-6)))
-    if reps > 1:
-        for sess in sessions:
-            for _ in range(warmup * reps):
-                sess.run(None, dict(feed))
-    times: list[list[float]] = [[] for _ in sessions]
-    start, rounds = time.perf_counter(), 0
-    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < seconds):
-        for k in range(len(sessions)):
-            i = (k + rounds) % len(sessions)
-            t = time.perf_counter()
-            for _ in range(reps):
-                sessions[i].run(None, dict(feed))
-            times[i].append((time.perf_counter() - t) * 1000 / reps)
-        rounds += 1
-    ratios = [statistics.median(a / b for a, b in zip(ts, times[0], strict=True)) for ts in times]
-    return ratios, [statistics.median(ts) for ts in times]
-
-
 def paired_latency(candidate: bytes, baseline: bytes | ort.InferenceSession, feed: Mapping[str, np.ndarray],
                    seconds: float = 2.0, min_runs: int = 5) -> tuple[float, dict[str, float]]:
-    """(median of per-round candidate/baseline time ratios, median ms of each), see :func:`interleaved_ratios`.
+    """(median of per-round candidate/baseline time ratios, median ms of each), see
+    :func:`graphopt.timing.interleaved_ratios`.
 
     ``baseline`` may be a session made once by a caller that times several candidates against it (a
     GPT-2-base session takes seconds to create).

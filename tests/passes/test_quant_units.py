@@ -255,7 +255,8 @@ def test_latency_batch_times_the_sample_repeated_along_the_batch_axis(monkeypatc
 def test_timing_rounds_repeat_a_fast_model_enough_to_be_measured():
     """A model of a few microseconds runs many times a round (one run is mostly timer jitter); the ratio of a
     model to itself stays near 1."""
-    from graphopt.passes.quant.evaluate import interleaved_ratios, session
+    from graphopt.passes.quant.evaluate import session
+    from graphopt.timing import interleaved_ratios
 
     proto = shared_weight_model()
     runs = []

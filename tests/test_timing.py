@@ -1,4 +1,4 @@
-"""The interleaved timing loop every benchmark shares (tools/bench/latency.py)."""
+"""The interleaved timing loop the benchmarks and the timing passes share (graphopt/timing.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tools.bench.latency import measure_interleaved, raise_failures
+from graphopt.timing import interleaved_ratios, measure_interleaved, raise_failures
 from tools.bench.pairing import paired_ratio
 
 
@@ -63,3 +63,24 @@ def test_tools_that_need_every_variant_raise_the_recorded_failure():
     raise_failures({"ok": stats["ok"]})  # nothing failed: no error
     with pytest.raises(RuntimeError, match="broken.*ValueError: no kernel"):
         raise_failures(stats)
+
+
+class _Sleeper:
+    """A stand-in session whose run takes ``seconds`` (or raises when ``seconds`` is None)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+
+    def run(self, names, feed):
+        if self.seconds is None:
+            raise ValueError("bad model")
+        time.sleep(self.seconds)
+
+
+def test_interleaved_ratios_are_against_the_first_session_and_a_failure_raises():
+    ratios, ms = interleaved_ratios([_Sleeper(0.004), _Sleeper(0.008), _Sleeper(0.004)], {}, seconds=0.3)
+    assert ratios[0] == 1.0
+    assert 1.6 < ratios[1] < 2.4 and 0.7 < ratios[2] < 1.4
+    assert 4.0 <= ms[0] < 8.0 and 8.0 <= ms[1] < 16.0
+    with pytest.raises(RuntimeError, match="ValueError: bad model"):
+        interleaved_ratios([_Sleeper(0.001), _Sleeper(None)], {}, seconds=0.1)
