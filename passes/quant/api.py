@@ -417,10 +417,7 @@ def _pay_or_fall_back(job: _Job, plan: Plan, selected: set[str], report: QuantRe
     kinds = sorted({plan.candidates[n].kind for n in selected}, key=lambda k: speedup(k) or 0.0)
     while True:
         model, pad, ratio, times = _time_int8(job, selected)
-        if ratio <= PAYS_BELOW:  # a verdict that costs accuracy needs a second timing (fresh session) to agree
-            again, times_again = paired_latency(model, job.fp32_session, job.latency_feed)
-            if again > ratio:
-                ratio, times = again, times_again
+        ratio, times = _confirmed(job, model, ratio, times)
         report.latency_ms, report.latency_ratio = times, ratio
         if ratio <= PAYS_BELOW or not selected:
             return selected, pad and ratio <= PAYS_BELOW
@@ -435,6 +432,20 @@ def _pay_or_fall_back(job: _Job, plan: Plan, selected: set[str], report: QuantRe
             report.latency_ms, report.latency_ratio = {"fp32": times["fp32"]}, None
             report.notes.append(note)
             return selected, False
+
+
+def _confirmed(job: _Job, model: bytes, ratio: float, times: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """The int8 model's time / fp32's once a second timing, with fresh sessions of both, agrees on which side of
+    PAYS_BELOW it falls; if they disagree a third decides (the median reading). Either verdict can be one
+    timing's accident: one 2 s timing under load kept the small ResNet int8 for a benchmarked 1.02x, and one
+    in a default benchmark run (session 16) read the digits CNN's fp32 at 0.028 ms (0.034-0.036 in every
+    other timing) and gave up all its int8 convs. Where two readings agree, the one nearer the threshold counts."""
+    readings = [(ratio, times), paired_latency(model, job.fastest_fp32, job.latency_feed)]
+    if (readings[0][0] <= PAYS_BELOW) == (readings[1][0] <= PAYS_BELOW):
+        nearer = max if readings[0][0] <= PAYS_BELOW else min
+        return nearer(readings, key=lambda reading: reading[0])
+    readings.append(paired_latency(model, job.fastest_fp32, job.latency_feed))
+    return sorted(readings, key=lambda reading: reading[0])[1]
 
 
 def _time_int8(job: _Job, selected: set[str]) -> tuple[bytes, bool, float, dict[str, float]]:

@@ -252,6 +252,33 @@ def test_latency_batch_times_the_sample_repeated_along_the_batch_axis(monkeypatc
         quantize(batched, calib, QuantConfig(latency_batch=0))
 
 
+@pytest.mark.parametrize(("readings", "decides"), [
+    ([0.88, 0.90], 0.90),  # both pay: the reading nearer the threshold
+    ([1.20, 1.10], 1.10),  # neither pays: likewise, and no third timing
+    ([1.20, 0.88, 0.87], 0.88),  # one odd reading that gave up int8 is outvoted
+    ([0.90, 1.00, 1.10], 1.00),  # one odd reading that kept int8 is outvoted
+    ([0.90, 1.00, 0.92], 0.92),
+])
+def test_a_latency_verdict_needs_a_second_timing_with_fresh_sessions_to_agree(monkeypatch, readings, decides):
+    from types import SimpleNamespace
+
+    from graphopt.passes.quant.api import _confirmed
+
+    later, baselines = list(readings[1:]), []
+
+    def fake_latency(model, baseline, feed):
+        baselines.append(baseline)
+        ratio = later.pop(0)
+        return ratio, {"quantized": ratio, "fp32": 1.0}
+
+    monkeypatch.setattr("graphopt.passes.quant.api.paired_latency", fake_latency)
+    job = SimpleNamespace(fastest_fp32=b"fp32 model bytes", latency_feed={})
+    ratio, times = _confirmed(job, b"int8", readings[0], {"quantized": readings[0], "fp32": 1.0})
+    assert ratio == decides and times["quantized"] == decides
+    assert not later  # every reading asked for was taken, and no more
+    assert baselines == [b"fp32 model bytes"] * (len(readings) - 1)  # a fresh fp32 session each time
+
+
 def test_timing_rounds_repeat_a_fast_model_enough_to_be_measured():
     """A model of a few microseconds runs many times a round (one run is mostly timer jitter); the ratio of a
     model to itself stays near 1."""
