@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
+from operator import itemgetter
 
 import numpy as np
 import onnx
@@ -440,12 +441,12 @@ def _confirmed(job: _Job, model: bytes, ratio: float, times: dict[str, float]) -
     timing's accident: one 2 s timing under load kept the small ResNet int8 for a benchmarked 1.02x, and one
     in a default benchmark run (session 16) read the digits CNN's fp32 at 0.028 ms (0.034-0.036 in every
     other timing) and gave up all its int8 convs. Where two readings agree, the one nearer the threshold counts."""
-    readings = [(ratio, times), paired_latency(model, job.fastest_fp32, job.latency_feed)]
-    if (readings[0][0] <= PAYS_BELOW) == (readings[1][0] <= PAYS_BELOW):
-        nearer = max if readings[0][0] <= PAYS_BELOW else min
-        return nearer(readings, key=lambda reading: reading[0])
-    readings.append(paired_latency(model, job.fastest_fp32, job.latency_feed))
-    return sorted(readings, key=lambda reading: reading[0])[1]
+    first, second = (ratio, times), paired_latency(model, job.fastest_fp32, job.latency_feed)
+    pays = first[0] <= PAYS_BELOW
+    if pays == (second[0] <= PAYS_BELOW):
+        return (max if pays else min)(first, second, key=itemgetter(0))
+    third = paired_latency(model, job.fastest_fp32, job.latency_feed)
+    return sorted((first, second, third), key=itemgetter(0))[1]
 
 
 def _time_int8(job: _Job, selected: set[str]) -> tuple[bytes, bool, float, dict[str, float]]:
