@@ -28,7 +28,7 @@ from graphopt.ir import Graph, Model, Node, Value
 from graphopt.ir.tensor import ArrayTensor
 
 from .config import QuantConfig
-from .optable import STATIC_KINDS, saturating_u8s8
+from .optable import STATIC_KINDS, op_kind, saturating_u8s8
 from .plan import SHARE_SCALE, Candidate, absorbable_activation, make_plan
 from .qparams import QParams, activation_qparams, qrange, quantize_bias, quantize_weight, sqnr_db
 from .report import LayerError
@@ -222,9 +222,15 @@ def _share_concat_scales(cands: Mapping[str, Candidate], ranges: Mapping[str, Ra
 
 def _share_scales(graph: Graph, wanted: dict[str, Value], ranges: Mapping[str, Range], params: dict[str, QParams],
                   qparams, quantized_consumer: set[str]) -> None:
-    """Outputs of scale-sharing ops between quantized tensors take their input's parameters."""
+    """Outputs of scale-sharing ops between quantized tensors take their input's parameters.
+
+    A scale-sharing op that is itself quantizable (MaxPool) does so only when selected: left float by the latency
+    or budget step, its output is what gets quantized. (onnxruntime's QDQ propagation still moves that
+    QuantizeLinear above a MaxPool-12 whose input has one reader, and runs the pool as uint8 NCHW.)"""
     for node in graph:
         if node.op_type not in SHARE_SCALE or not node.inputs or node.inputs[0] is None:
+            continue
+        if op_kind(node) is not None and node.name not in quantized_consumer:
             continue
         src, out = node.inputs[0], node.outputs[0]
         if out.name in wanted and src.name in ranges:

@@ -15,6 +15,7 @@ import graphopt
 from graphopt.passes.quant import CalibrationError, QuantConfig, quantize
 from graphopt.passes.quant.budget import fit_budget
 from graphopt.passes.quant.evaluate import output_errors, run_outputs
+from graphopt.passes.quant.qdq import insert_static
 from graphopt.passes.quant.qparams import activation_qparams, fake_quant, quantize_weight
 from graphopt.passes.quant.ranges import Histogram, clip_range
 from graphopt.passes.quant.report import render
@@ -341,6 +342,28 @@ def test_maxpool_and_reshape_share_their_input_scale():
     assert scales["c"] == scales["p"] == scales["f"]  # one scale from the conv to the classifier: no requantizing
     ref, got = run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib)
     assert output_errors(ref, got)["cosine"] > 0.999
+
+
+def test_a_maxpool_left_float_runs_in_float_and_its_output_is_quantized():
+    """The latency check gives layers back by name (the first ones, or whole kinds) with every range calibrated:
+    an unselected MaxPool must not be pulled into int8 by its neighbours' shared scale."""
+    rng = np.random.default_rng(1)
+    w1 = (rng.standard_normal((8, 3, 3, 3)) / 20).astype(np.float32)  # |c| well inside the ranges below
+    w2 = (rng.standard_normal((8, 8, 1, 1)) / 5).astype(np.float32)
+    proto = make_model([helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+                        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+                        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+                        helper.make_node("Conv", ["p", "w2"], ["y"], name="conv2")],
+                       [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 8, 4, 4])], {"w1": w1, "w2": w2})
+    ranges = {"x": (-3.0, 3.0), "c": (-2.0, 2.0), "r": (0.0, 2.0), "p": (0.0, 2.0)}
+    for selected, pool_reads in (({"conv2"}, "r"), ({"pool", "conv2"}, "r_dq")):
+        model = graphopt.load(proto)
+        insert_static(model, selected, ranges, QuantConfig())
+        (pool,) = nodes(model, "MaxPool")
+        assert pool.inputs[0].name == pool_reads  # float input unless the pool itself is quantized
+        calib = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+        ref, got = run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib)
+        assert output_errors(ref, got)["cosine"] > 0.995
 
 
 def test_concat_inputs_share_one_scale():
