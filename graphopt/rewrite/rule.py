@@ -46,7 +46,8 @@ class ReplacementBuilder:
     """``op.Gemm(a, b, transB=1)`` creates a node (not yet in the graph) and returns its output(s).
 
     Options: ``_domain``, ``_outputs`` (number of outputs; returns a tuple), ``_version``
-    (opset version to import for a new domain), ``_type`` (the output's type: a ValueType, or a Value
+    (opset version to import for a new domain), ``_name`` (the node's name: a rebuilt node keeps the name of
+    the matched one it replaces, which is erased), ``_type`` (the output's type: a ValueType, or a Value
     whose type to copy; a sequence of those for several outputs), so later rules in the same sweep can
     read shapes without another round of shape inference. ``op.const(array)`` makes an initializer.
     """
@@ -62,14 +63,14 @@ class ReplacementBuilder:
             raise AttributeError(op_type)
 
         def make(*inputs: Value | None, _domain: str = "", _outputs: int = 1, _version: int = 1,
-                 _type: Any = None, **attrs: Any):
+                 _type: Any = None, _name: str | None = None, **attrs: Any):
             for i, value in enumerate(inputs):
                 if value is not None and not isinstance(value, Value):
                     raise RuleError(f"rule {self._rule!r}: input {i} of {op_type} is {value!r}, not a Value "
                                     "(use op.const(array) for constants)")
             names = [self._graph.fresh_name(f"{self._rule}/{op_type}") for _ in range(_outputs)]
             node = Node(op_type, inputs, attrs, outputs=names, domain=_domain,
-                        name=self._graph.fresh_name(f"{self._rule}/{op_type}_node"))
+                        name=_name or self._graph.fresh_name(f"{self._rule}/{op_type}_node"))
             node.metadata[RULE_METADATA_KEY] = self._rule
             if _type is not None:
                 self._set_types(op_type, node.outputs, _type)
