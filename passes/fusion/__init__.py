@@ -8,4 +8,4 @@ needs the GELU forms the fusions leave, and so does moving a post-LN block's bia
 consumes the Convs the other rules produced.
 """
 
-from . import norm, gelu, attention, activation, conv, linear, transpose, stride, residual, nchwc  # noqa: F401, I001 - order
+from . import norm, gelu, attention, activation, conv, linear, transpose, stride, residual, reduce, nchwc  # noqa: F401, I001 - order
