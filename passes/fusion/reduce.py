@@ -29,33 +29,35 @@ from .norm import ShapeAwareRewritePass
 MATMUL_TYPES = frozenset({1, 10, 11, 16})
 
 
-def _target(op, h, m):
-    return op.ReduceSum(op.Mul(h, m, _commute=True), op.opt(op.const("axes")), _name="reduce")
+def _target(op, a, b):
+    return op.ReduceSum(op.Mul(a, b), op.opt(op.const("axes")), _name="reduce")
 
 
-def _condition(ctx: MatchContext, h: Value, m: Value, reduce: Node, axes: Value | None = None) -> bool | str:
-    if h.shape is None or m.shape is None or len(h.shape) != len(m.shape) or len(h.shape) < 2:
+def _condition(ctx: MatchContext, a: Value, b: Value, reduce: Node, axes: Value | None = None) -> dict | str:
+    if a.shape is None or b.shape is None or len(a.shape) != len(b.shape) or len(a.shape) < 2:
         return "the Mul's operands are not of one known rank >= 2"
-    if h.elem_type not in MATMUL_TYPES:
+    if a.elem_type not in MATMUL_TYPES:
         return "MatMul takes only float types"
-    rank = len(h.shape)
+    rank = len(a.shape)
     listed = const_array(axes) if axes is not None else reduce.attr("axes")
-    if listed is None or sorted({int(a) % rank for a in np.ravel(listed)}) != [rank - 2]:
+    if listed is None or sorted({int(x) % rank for x in np.ravel(listed)}) != [rank - 2]:
         return f"ReduceSum does not sum axis {rank - 2} alone (axes {listed})"
+    h, m = (a, b) if b.shape[-1] == 1 else (b, a)  # h: the rows, m: one weight per row
     if m.shape[-1] != 1:
-        return f"{m.name!r} is not one weight per row (last dim {m.shape[-1]})"
+        return f"neither operand is one weight per row (last dims {a.shape[-1]}, {b.shape[-1]})"
     if not same_dim(h, rank - 2, m, rank - 2):
         return "the summed axis of the two operands is not provably the same length"
-    return True
+    return {"rows": h, "weights": m}
 
 
-def _replacement(op, ctx: MatchContext, h: Value, m: Value, reduce: Node):
-    rank = len(h.shape)
+def _replacement(op, ctx: MatchContext, rows: Value, weights: Value, reduce: Node):
+    rank = len(rows.shape)
     perm = [*range(rank - 2), rank - 1, rank - 2]
-    weights = op.Transpose(m, perm=perm, _type=TensorType(m.elem_type, tuple(m.shape[i] for i in perm)))
+    flipped = op.Transpose(weights, perm=perm,
+                           _type=TensorType(weights.elem_type, tuple(weights.shape[i] for i in perm)))
     if reduce.attr("keepdims", 1):
-        return op.MatMul(weights, h, _type=reduce.outputs[0])
-    summed = op.MatMul(weights, h)
+        return op.MatMul(flipped, rows, _type=reduce.outputs[0])
+    summed = op.MatMul(flipped, rows)
     if (ctx.model.opset() or 13) >= 13:
         return op.Squeeze(summed, op.const(np.array([rank - 2])), _type=reduce.outputs[0])
     return op.Squeeze(summed, axes=[rank - 2], _type=reduce.outputs[0])

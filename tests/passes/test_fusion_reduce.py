@@ -23,16 +23,17 @@ g (float[N, S, 16] h, int64[N, S] mask) => (float[N, OUT] y) {
 FEEDS = {"h": rand(3, 7, 16, seed=1), "mask": (np.arange(7) < np.array([[7], [4], [1]])).astype(np.int64)}
 
 
-def _pooling(axes: int = 1, keepdims: int = 0, out: str = "N, 16", mask: str = "N, S") -> object:
+def _pooling(axes: int = 1, keepdims: int = 0, out: str = "N, 16", mask: str = "N, S", mul: str = "h, w") -> object:
     reduce = (f"axes = Constant <value = int64[1] {{{axes}}}> ()\n"
               f"    y = ReduceSum <keepdims = {keepdims}> (p, axes)")
-    return model_from(POOLING.replace("OPSET", "17").replace("N, OUT", out).replace("N, S] mask", f"{mask}] mask")
-                      .replace("REDUCE", reduce))
+    text = POOLING.replace("OPSET", "17").replace("Mul(h, w)", f"Mul({mul})").replace("N, OUT", out)
+    return model_from(text.replace("N, S] mask", f"{mask}] mask").replace("REDUCE", reduce))
 
 
-@pytest.mark.parametrize(("axes", "keepdims", "out"), [(1, 0, "N, 16"), (-2, 0, "N, 16"), (1, 1, "N, 1, 16")])
-def test_mean_pooling_sum_becomes_a_matmul_and_matches(axes, keepdims, out):
-    proto = _pooling(axes, keepdims, out)
+@pytest.mark.parametrize(("axes", "keepdims", "out", "mul"), [
+    (1, 0, "N, 16", "h, w"), (-2, 0, "N, 16", "h, w"), (1, 1, "N, 1, 16", "h, w"), (1, 0, "N, 16", "w, h")])
+def test_mean_pooling_sum_becomes_a_matmul_and_matches(axes, keepdims, out, mul):
+    proto = _pooling(axes, keepdims, out, mul=mul)
     model = optimized(proto, ["weighted-sum-to-matmul"])
     assert "ReduceSum" not in ops(model) and "Mul" not in ops(model)
     assert ops(model)[-2:] == (["Transpose", "MatMul"] if keepdims else ["MatMul", "Squeeze"])
