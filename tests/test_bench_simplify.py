@@ -12,7 +12,8 @@ import onnx
 import pytest
 
 from tests.helpers import parse
-from tools.bench_simplify import BenchConfig, bench_model, render_markdown, summarize, write_json
+from tools.bench.results import write_json
+from tools.bench_simplify import BenchConfig, bench_model, render_markdown, summarize
 
 TINY = """
 <ir_version: 8, opset_import: ["" : 17]>

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import pickle
 import shutil
 import sys
@@ -47,6 +46,7 @@ from tools.bench.markdown import table
 from tools.bench.numerics import check_in_children, write_feeds
 from tools.bench.ort_transformers import ort_transformers_args
 from tools.bench.pairing import paired_ratio, run_noise
+from tools.bench.results import write_json
 from tools.bench.simplifiers import TOOLS
 from tools.bench.stats import model_stats
 
@@ -323,17 +323,6 @@ def _ms(seconds: Any) -> Any:
     return seconds * 1e3 if isinstance(seconds, float) else seconds
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no inf/nan: write them as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def render_saved(paths: Sequence[str], judge: str, md: str | None) -> None:
     """The report of earlier runs (several --json files, e.g. CNNs and transformers run apart), judged again;
     a model measured in several files keeps its result from the last one."""
@@ -402,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 shutil.rmtree(workdir / name, ignore_errors=True)
             log.info("%s done in %.0f s", name, time.perf_counter() - start)
             if args.json:  # partial results survive an interrupted long run
-                Path(args.json).write_text(json.dumps(_finite({"command": command, "models": results}), indent=1))
+                write_json(args.json, {"command": command, "models": results})
     report = render_markdown(results, command)
     if args.md:
         Path(args.md).write_text(report)

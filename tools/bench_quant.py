@@ -55,8 +55,8 @@ from tools.bench.markdown import table
 from tools.bench.pairing import paired_ratio, run_noise
 from tools.bench.quant_data import QuantData, build_data, write_calibration
 from tools.bench.quantizers import GRAPHOPT, TOOLS
+from tools.bench.results import write_json
 from tools.bench.stats import file_bytes
-from tools.bench_simplify import write_json
 
 log = logging.getLogger("bench_quant")
 

@@ -20,7 +20,6 @@ a crash or hang costs one cell. A synthetic ~200k-node transformer stack times t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
 from tools.bench.child import run_in_child
 from tools.bench.markdown import table
 from tools.bench.numerics import PRIMARY, SECOND, check_in_children, write_feeds
+from tools.bench.results import write_json
 from tools.bench.sessions import needs_external_data
 from tools.bench.simplifiers import GRAPHOPT, PEERS, TOOLS
 from tools.bench.stats import model_stats
@@ -511,21 +511,6 @@ def render_synthetic(syn: Mapping[str, Any]) -> list[str]:
             parts.append(f"{subject} on {orig['nodes']} nodes: {go['seconds']:.1f} s (target < 60 s)")
     parts.append("")
     return parts
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no inf/nan: write them as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def write_json(path: str, data: Mapping[str, Any]) -> None:
-    Path(path).write_text(json.dumps(_finite(dict(data)), indent=1))
 
 
 # ---------------------------------------------------------------------------------------------- CLI
