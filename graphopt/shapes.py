@@ -13,7 +13,9 @@ assumes neither is 1 at run time, which is not lossless. Its public ``infer_shap
 the working directory when inference is incomplete, so its steps are driven here instead, and an
 incomplete result is still used. Only dims that are numbers or expressions over the graph inputs' own dim
 names are taken from it: its generated names depend on node positions, which change between runs, and
-would alias.
+would alias. onnx's generated names (``unk__N``) are renamed for the same reason: each run counts from the
+same start, so a value typed by an earlier run could share its name with another size (onnxruntime plans
+buffers by dim names, and fails on such a file).
 
 Inference exports the whole model (seconds on 200k nodes) and most passes call it to be sure of their
 inputs' types; :func:`ensure_shapes` repeats it only when a value with an incomplete type is new, or its
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import logging
 import math
 import os
@@ -71,7 +74,8 @@ def infer_shapes(model: Model, *, symbolic: bool = False, symbolic_max_nodes: in
     found: list[dict[str, ValueType]] = []
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-        found.append({info.name: importer.value_type(info.type) for info in _value_infos(inferred.graph)})
+        types = {info.name: importer.value_type(info.type) for info in _value_infos(inferred.graph)}
+        found.append(_rename_generated(types, _dim_names(proto.graph), model))
     except Exception as err:  # noqa: BLE001 - onnx raises many types; inference is best effort
         log.warning("onnx shape inference failed: %s", err)
     symbolic = symbolic and sum(1 for _ in model.nodes()) <= symbolic_max_nodes
@@ -197,6 +201,49 @@ def _inference_proto(model: Model, max_inline_bytes: int = 4096) -> onnx.ModelPr
         if not known[key]:
             graph.value_info.extend(exporter.value_info(o) for o in node.outputs if o.name and o.type is not None)
     return proto
+
+
+def _rename_generated(types: dict[str, ValueType | None], seen: set[str], model: Model) -> dict:
+    """``types`` with each ``unk__`` dim this inference run invented (not among ``seen``, the names the
+    inference model carried) renamed to one that no dim of ``model`` has. One run's names stay one name
+    each: what that run proved equal stays equal."""
+    fresh: dict[str, str] = {}
+    counter = itertools.count()
+    taken: set[str] | None = None
+
+    def rename(dim: Dim) -> Dim:
+        nonlocal taken
+        if not isinstance(dim, str) or not dim.startswith("unk__") or dim in seen:
+            return dim
+        if dim not in fresh:
+            taken = _model_dim_names(model) | seen if taken is None else taken
+            fresh[dim] = next(name for n in counter if (name := f"unk__{n}") not in taken)
+        return fresh[dim]
+
+    out = {}
+    for name, value_type in types.items():
+        if isinstance(value_type, TensorType) and value_type.shape is not None:
+            value_type = TensorType(value_type.elem_type, tuple(rename(d) for d in value_type.shape))
+        out[name] = value_type
+    return out
+
+
+def _dim_names(graph: onnx.GraphProto) -> set[str]:
+    """The symbolic dim names a graph's declared types (inputs, outputs, value_info, subgraphs') use."""
+    names: set[str] = set()
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        if info.type.HasField("tensor_type"):
+            names.update(d.dim_param for d in info.type.tensor_type.shape.dim if d.dim_param)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                names |= _dim_names(sub)
+    return names
+
+
+def _model_dim_names(model: Model) -> set[str]:
+    return {d for g in model.graph.walk_graphs() for v in g.values()
+            if isinstance(v.type, TensorType) and v.type.shape is not None for d in v.type.shape if isinstance(d, str)}
 
 
 def _symbolic(proto: onnx.ModelProto, importer: Importer) -> dict[str, ValueType]:
