@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -167,6 +168,23 @@ def test_external_data_round_trip_and_forced_external(tmp_path):
                                                              if t.name == "big")), np.ones((64, 64)))
     del reloaded.graph.initializer[-1]
     assert normalized(reloaded) == normalized(original)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_tensors_a_pass_creates_save_in_every_dtype_and_when_empty(tmp_path, external):
+    """Passes hold new weights as numpy arrays; bfloat16/float8 (ml_dtypes) and empty ones have no plain
+    buffer to stream, inline or external."""
+    arrays = {"bf16": np.arange(40, dtype=np.float32).astype(ml_dtypes.bfloat16),
+              "f8": np.linspace(-2, 2, 40, dtype=np.float32).astype(ml_dtypes.float8_e4m3fn),
+              "empty": np.zeros((0, 3), np.float32)}
+    model = graphopt.load(kitchen_sink())
+    for name, array in arrays.items():
+        model.graph.add_initializer(graphopt.ir.ArrayTensor(array, name))
+    graphopt.save(model, tmp_path / "m.onnx", external_data=external)
+    saved = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "m.onnx").graph.initializer
+             if t.name in arrays}
+    for name, array in arrays.items():
+        assert saved[name].dtype == array.dtype and saved[name].tobytes() == array.tobytes(), name
 
 
 def test_models_over_the_protobuf_limit_go_external(tmp_path, monkeypatch):

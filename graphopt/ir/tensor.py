@@ -38,6 +38,17 @@ def numpy_dtype(elem_type: int) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
 
 
+def little_endian_bytes(array: np.ndarray) -> np.ndarray:
+    """The array's little-endian bytes as a flat uint8 array.
+
+    Not ``memoryview(array).cast("B")``: that refuses ml_dtypes' types (bfloat16, float8) and empty arrays.
+    """
+    array = np.ascontiguousarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.reshape(-1).view(np.uint8)
+
+
 class DataSource:
     """A byte range provider: a file (read with pread) or an in-memory buffer."""
 
@@ -142,8 +153,7 @@ class Tensor(ABC):
 
     def write_raw(self, out: BinaryIO) -> None:
         """Write the raw little-endian bytes (only when ``raw_length()`` is not None)."""
-        array = np.ascontiguousarray(self.numpy(), dtype=self.dtype.newbyteorder("<"))
-        out.write(memoryview(array).cast("B"))
+        out.write(little_endian_bytes(np.asarray(self.numpy(), dtype=self.dtype)))
 
     def to_proto(self) -> onnx.TensorProto:
         """A complete TensorProto (data inline)."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphopt.ir import AttrType, Graph, Model, Node, SourceTensor, Tensor, Value
+from graphopt.ir.tensor import little_endian_bytes
 from graphopt.pipeline import Pass, PassContext, PassResult, register_pass
 
 from .util import Scope, constant_tensor, erase_dead, replace_output
@@ -71,7 +72,7 @@ def _constants(graph: Graph, scope: Scope, include_nodes: bool) -> Iterator[_Con
                     yield _Constant(node.outputs[0], tensor, node)
 
 
-def _raw(tensor: Tensor, sample: bool) -> bytes | memoryview:
+def _raw(tensor: Tensor, sample: bool) -> bytes | memoryview | np.ndarray:
     """The tensor's little-endian bytes (or just their head and tail), read as cheaply as possible."""
     dtype = tensor.dtype
     if isinstance(tensor, SourceTensor) and dtype.kind != "O" and tensor.length == tensor.size * dtype.itemsize:
@@ -83,7 +84,7 @@ def _raw(tensor: Tensor, sample: bool) -> bytes | memoryview:
     if array.dtype.kind == "O":  # strings: length-prefixed, so ["ab", "c"] != ["a", "bc"]
         items = [v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1)]
         return b"".join(len(v).to_bytes(8, "little") + v for v in items)
-    data = memoryview(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))).cast("B")
+    data = little_endian_bytes(array)
     return data[:_SAMPLE].tobytes() + data[-_SAMPLE:].tobytes() if sample and len(data) > 2 * _SAMPLE else data
 
 
