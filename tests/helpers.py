@@ -19,6 +19,7 @@ def run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]) -> l
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = 1
+    so.log_severity_level = 4  # failures surface as exceptions; the C++ log would only repeat them
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
