@@ -34,6 +34,8 @@ from .qparams import QParams, activation_qparams, qrange, quantize_bias, quantiz
 from .report import LayerError
 
 Range = tuple[float, float]
+#: Ops onnxruntime's QDQ propagation copies a DequantizeLinear past (qdq_propagation.cc, CanNodePropagate).
+ORT_PROPAGATES = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice")
 
 
 @dataclass
@@ -164,8 +166,42 @@ def insert_static(model: Model, selected: set[str], ranges: Mapping[str, Range],
                                     f"{node.name}_bias")
             node.set_input(cand.bias, bias)
         report.quantized.append(node.name)
+    if act_dtype == np.int8 and (model.opset() or 0) >= 21:
+        _requantize_after_propagating_ops(graph, build)
     _finish(graph)
     return report
+
+
+def _requantize_after_propagating_ops(graph: Graph, build: _Builder) -> None:
+    """Write the Q/DQ pair onnxruntime would copy past a data-movement op into the file itself.
+
+    onnxruntime's QDQ propagation copies a DequantizeLinear past the ops of ``ORT_PROPAGATES`` it feeds when no
+    QuantizeLinear follows (a DequantizeLinear read by several nodes is first copied once per reader). In
+    onnxruntime 1.32 the copied QuantizeLinear of an opset-21+ model carries ``output_dtype=int8``, and the
+    int8-to-uint8 activation conversion that runs next changes its zero point but not that attribute: the model
+    no longer loads. The same scale and zero point after the op change no value (its outputs are some of its
+    input's), and a QuantizeLinear there stops the propagation.
+    """
+    work = [n for n in graph if n.op_type == "DequantizeLinear" and n.inputs[0].producer is not None
+            and n.inputs[0].producer.op_type == "QuantizeLinear"]
+    while work:
+        dq = work.pop()
+        for op, index in dq.outputs[0].uses():
+            out = op.outputs[0]
+            if index != 0 or op.op_type not in ORT_PROPAGATES or any(u.op_type == "QuantizeLinear"
+                                                                       for u in out.users()):
+                continue
+            q = build.node("QuantizeLinear", [out, dq.inputs[1], dq.inputs[2]], f"{out.name}_q")
+            new = build.node("DequantizeLinear", [q, dq.inputs[1], dq.inputs[2]], f"{out.name}_dq")
+            for user, i in out.uses():
+                if user is not q.producer:
+                    user.set_input(i, new)
+            if out.is_graph_output():  # the interface keeps its name
+                for i, value in enumerate(graph.outputs):
+                    if value is out:
+                        graph.outputs[i] = new
+                out.name, new.name, new.type = graph.fresh_name(f"{out.name}_before_q"), out.name, out.type
+            work.append(new.producer)
 
 
 def _fp32_name(value: Value) -> str:

@@ -366,6 +366,26 @@ def test_a_maxpool_left_float_runs_in_float_and_its_output_is_quantized():
         assert output_errors(ref, got)["cosine"] > 0.995
 
 
+@pytest.mark.parametrize("opset", [17, 21])
+def test_int8_activations_through_data_movement_ops_to_the_outputs_load_in_onnxruntime(opset):
+    """onnxruntime 1.32 copies a DequantizeLinear past Transpose/Reshape/MaxPool/... and, on opset 21+, gives
+    the copy's QuantizeLinear an output_dtype its int8-to-uint8 conversion then contradicts: quantize used to
+    fail on such models with int8 activations. The pair is written after the op instead, outputs keep names."""
+    w = (RNG.standard_normal((8, 3, 3, 3)) / 5).astype(np.float32)
+    proto = make_model([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+                        helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1], name="nhwc"),
+                        helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+                        helper.make_node("Reshape", ["p", "shape"], ["y"], name="flat")],
+                       [tensor("x", [1, 3, 8, 8])], [tensor("t", [1, 8, 8, 8]), tensor("y", [1, 128])],
+                       {"w": w, "shape": np.array([1, 128], np.int64)}, opset=opset)
+    calib = samples((1, 3, 8, 8))
+    model, report = quantize(proto, calib, QuantConfig(activation_type="int8", latency_aware=False, fuse=False))
+    assert [v.name for v in model.graph.outputs] == ["t", "y"]
+    assert report.quantized_nodes >= 1
+    ref, got = run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib)
+    assert output_errors(ref, got)["cosine"] > 0.999
+
+
 def test_concat_inputs_share_one_scale():
     wa = (RNG.standard_normal((4, 3, 3, 3)) / 5).astype(np.float32)
     wb = (RNG.standard_normal((4, 3, 3, 3))).astype(np.float32)  # a wider range than the other branch
