@@ -6,6 +6,11 @@ every op on the spec's inputs. The data folders onnx ships (old PyTorch exports 
 are. A case counts as failed when graphopt raises, writes a model onnxruntime cannot run while it runs the
 original, or changes an output beyond graphopt's own tolerance for its dtype. Where onnxruntime cannot run
 the original (an op or type it lacks), graphopt's output is compared with the spec's expected outputs.
+
+The node cases with an op the static quantizer takes are also quantized (uint8 and int8 activations, the
+case's inputs as calibration data), which must give a model onnxruntime loads and runs; those with a
+Conv, Gemm or MatMul are pruned (without and with calibration data), which may refuse with a clear error
+(generated inputs cannot feed a shape input) but never raise anything else.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ import pytest
 from onnx import numpy_helper
 
 import graphopt
+from graphopt.errors import GraphoptError
+from graphopt.passes.prune.api import PruneConfig, prune
+from graphopt.passes.quant import QuantConfig, quantize
+from graphopt.passes.quant.optable import STATIC_KINDS
 from graphopt.verify import compare_values
 from tests.helpers import run
 
@@ -111,4 +120,49 @@ def test_every_model_in_onnx_data_folders():
     folders = list(data_folder_cases())
     failures = [f for name, model, feeds, expected in folders if (f := failure(name, model, feeds, expected))]
     assert len(folders) > 50
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("activation_type", ["uint8", "int8"])
+def test_static_quantization_of_every_node_case_it_applies_to(cases, activation_type):
+    config = QuantConfig(activation_type=activation_type, latency_aware=False, smooth=False)
+    failures, quantized = [], 0
+    for case in cases:
+        inputs, _ = case.data_sets[0]
+        if not {n.op_type for n in case.model.graph.node} & set(STATIC_KINDS) or not all(
+                isinstance(x, np.ndarray) and x.dtype != object for x in inputs):
+            continue
+        feeds = {vi.name: x for vi, x in zip(case.model.graph.input, inputs, strict=True)}
+        try:
+            run(case.model, feeds)
+        except Exception:  # noqa: BLE001 - onnxruntime cannot run the original: nothing to quantize against
+            continue
+        try:
+            _, report = quantize(case.model, [feeds], config)  # checks that onnxruntime loads and runs the result
+        except Exception as err:  # noqa: BLE001 - any exception is the failure being reported
+            failures.append(f"{case.name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            continue
+        quantized += report.quantized_nodes > 0
+    assert quantized > 150
+    assert not failures, "\n".join(failures)
+
+
+def test_pruning_every_node_case_it_applies_to_succeeds_or_says_why(cases):
+    failures, pruned = [], 0
+    for case in cases:
+        inputs, _ = case.data_sets[0]
+        if not {n.op_type for n in case.model.graph.node} & {"Conv", "Gemm", "MatMul"} or not all(
+                isinstance(x, np.ndarray) and x.dtype != object for x in inputs):
+            continue
+        feeds = {vi.name: x for vi, x in zip(case.model.graph.input, inputs, strict=True)}
+        for config in (PruneConfig(ratio=0.5, default_protect=False),
+                       PruneConfig(ratio=0.5, default_protect=False, calib=[feeds], criterion="activation")):
+            try:
+                prune(graphopt.load(case.model), config)  # checks that onnxruntime runs the result
+                pruned += 1
+            except GraphoptError:
+                pass
+            except Exception as err:  # noqa: BLE001 - any other exception is the failure being reported
+                failures.append(f"{case.name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    assert pruned > 250
     assert not failures, "\n".join(failures)

@@ -26,7 +26,7 @@ from graphopt.verify import (
     verify_models,
 )
 from graphopt.verify.bisect import topological_order
-from graphopt.verify.runtime import load_model
+from graphopt.verify.runtime import LoadedModel, load_model, open_session, run_session
 
 HEADER = '<ir_version: 10, opset_import: ["" : 18]>\n'
 
@@ -227,6 +227,16 @@ DYNAMIC = """g (int64[batch, seq] input_ids, int64[batch, seq] attention_mask, f
   s = Add(input_ids, attention_mask)
   y = Relu(h)
 }"""
+
+
+def test_run_session_asked_for_nothing_runs_nothing_and_a_failed_run_names_the_inputs() -> None:
+    """onnxruntime runs every output when given no names (a caller exposing no values once got them all)."""
+    model = parse("g (float[N] x, int64[2] s) => (float[a, b] y) { y = Reshape(x, s) }")
+    with open_session(LoadedModel(model), label="probe") as sess:
+        assert run_session(sess, {"x": f32(1, 2, 3, 4), "s": np.array([2, 2])}, []) == {}
+        assert run_session(sess, {"x": f32(1, 2, 3, 4), "s": np.array([2, 2])})["y"].shape == (2, 2)
+        with pytest.raises(VerificationError, match=r"failed to run the probe on inputs x\[4\], s\[2\]"):
+            run_session(sess, {"x": f32(1, 2, 3, 4), "s": np.array([3, 3])}, label="probe")
 
 
 def test_dynamic_dims_bound_consistently() -> None:

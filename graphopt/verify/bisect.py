@@ -19,7 +19,6 @@ import numpy as np
 import onnx
 
 from graphopt.verify.compare import OutputDiff, compare_values
-from graphopt.verify.errors import VerificationError
 from graphopt.verify.runtime import LoadedModel, ModelLike, load_model, open_session, run_session
 
 logger = logging.getLogger(__name__)
@@ -161,9 +160,4 @@ def _run_exposing(
     existing = {o.name for o in model.proto.graph.output}
     extra = [name for name in names if name not in existing]
     with open_session(model, extra, label=f"{label} (with intermediate values exposed)") as sess:
-        try:
-            return run_session(sess, inputs, names)
-        except VerificationError:
-            raise
-        except Exception as exc:
-            raise VerificationError(f"onnxruntime failed to run the {label} while bisecting: {exc}") from exc
+        return run_session(sess, inputs, names, label=f"{label} while bisecting")

@@ -152,20 +152,32 @@ def to_feed(value: np.ndarray) -> Any:
 
 
 def run_session(
-    sess: ort.InferenceSession, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+    sess: ort.InferenceSession, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None,
+    *, label: str = "model",
 ) -> dict[str, Any]:
-    """Run a session and return ``{output name: value}`` as numpy arrays (lists for sequences)."""
+    """Run a session and return ``{output name: value}`` as numpy arrays (lists for sequences).
+
+    A run failure raises :class:`VerificationError` naming ``label`` and the input shapes.
+    """
     types = {o.name: o.type for o in sess.get_outputs()}
     names = list(output_names) if output_names is not None else list(types)
+    if not names:
+        return {}  # sess.run with no names would run every output
     feeds = {name: to_feed(np.asarray(value)) for name, value in inputs.items()}
-    if not any(types.get(n) in _EXOTIC_ORT_TYPES for n in names):
-        return dict(zip(names, sess.run(names, feeds), strict=True))
-    if any(not isinstance(v, ort.OrtValue) and v.dtype.kind in "OUS" for v in feeds.values()):
+    exotic = any(types.get(n) in _EXOTIC_ORT_TYPES for n in names)
+    if exotic and any(not isinstance(v, ort.OrtValue) and v.dtype.kind in "OUS" for v in feeds.values()):
         raise VerificationError("a model with string inputs and bfloat16/float8 outputs is not supported")
-    ort_feeds = {
-        k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()
-    }
-    values = sess.run_with_ort_values(names, ort_feeds)
+    try:
+        if not exotic:
+            return dict(zip(names, sess.run(names, feeds), strict=True))
+        ort_feeds = {
+            k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()
+        }
+        values = sess.run_with_ort_values(names, ort_feeds)
+    except Exception as exc:
+        shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in inputs.items())
+        raise VerificationError(f"onnxruntime failed to run the {label} on inputs {shapes}: {_first_line(exc)}",
+                                hint="pass explicit input shapes or an inputs file") from exc
     return {name: _ortvalue_to_numpy(value, types[name]) for name, value in zip(names, values, strict=True)}
 
 
@@ -195,16 +207,7 @@ def run_model(
     """
     loaded = load_model(model)
     with open_session(loaded, label=label) as sess:
-        try:
-            return run_session(sess, inputs, output_names)
-        except VerificationError:
-            raise
-        except Exception as exc:
-            shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in inputs.items())
-            raise VerificationError(
-                f"onnxruntime failed to run the {label} on inputs {shapes}: {_first_line(exc)}",
-                hint="pass explicit input shapes or an inputs file",
-            ) from exc
+        return run_session(sess, inputs, output_names, label=label)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -163,7 +163,7 @@ def run_exposed(proto: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Sa
     extra = [n for n in dict.fromkeys(names) if n not in graph_outputs]
     with open_session(LoadedModel(proto), extra, label=label) as sess:
         for feed in feeds:
-            yield run_session(sess, feed, list(dict.fromkeys(names)))
+            yield run_session(sess, feed, list(dict.fromkeys(names)), label=label)
 
 
 def activation_stats(proto: onnx.ModelProto, wanted: Mapping[str, set[int]], feeds: Sequence[Sample],

@@ -80,7 +80,7 @@ def probe_shapes(model: Model, proto: onnx.ModelProto, dims: Mapping[str, int] |
     with open_session(loaded, names, label="model (shape probe)") as sess:
         fetch = [o.name for o in sess.get_outputs()]
         for feeds in (feeds_a, feeds_b):
-            values = run_session(sess, feeds, fetch)
+            values = run_session(sess, feeds, fetch, label="model on generated inputs (shape probe)")
             shapes = {k: tuple(int(d) for d in np.shape(v)) for k, v in values.items() if isinstance(v, np.ndarray)}
             shapes.update({k: tuple(int(d) for d in np.shape(v)) for k, v in feeds.items()})
             tables.append(shapes)

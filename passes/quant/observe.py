@@ -38,7 +38,7 @@ def progress_bar(enabled: bool) -> Iterator[Progress | None]:
 def float_tensors(proto: onnx.ModelProto, tensors: Sequence[str], feed: dict[str, np.ndarray]) -> dict[str, str]:
     """{tensor: dtype name} from one run with the tensors exposed (the IR does not always know types)."""
     with open_session(LoadedModel(proto), list(tensors), label="model (calibration)") as sess:
-        values = run_session(sess, feed, list(tensors))
+        values = run_session(sess, feed, list(tensors), label="model (calibration)")
     return {name: str(np.asarray(v).dtype) for name, v in values.items()}
 
 
