@@ -146,7 +146,7 @@ def to_feed(value: np.ndarray) -> Any:
     """numpy arrays go to onnxruntime as they are, ml_dtypes ones (bfloat16, float8) as OrtValues."""
     if value.dtype.kind == "V":
         elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-        raw = np.ascontiguousarray(value).view(np.uint8 if value.dtype.itemsize == 1 else np.uint16)
+        raw = np.require(value, requirements="C").view(np.uint8 if value.dtype.itemsize == 1 else np.uint16)
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, elem)
     return value
 

@@ -38,7 +38,7 @@ def kept_indices(analysis: Analysis, removal: Mapping[int, np.ndarray]) -> dict[
 
 def set_const(value: Value, array: np.ndarray) -> None:
     """Replace an initializer's data in place (same name, new shape)."""
-    array = np.ascontiguousarray(array)
+    array = np.require(array, requirements="C")  # (ascontiguousarray makes a 0-d array 1-d)
     value.const = ArrayTensor(array, value.name, value.const.elem_type if value.const is not None else None)
     value.type = TensorType(value.const.elem_type, tuple(array.shape))
 

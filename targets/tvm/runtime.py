@@ -87,10 +87,15 @@ class Runner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on ``feeds`` (checked against the manifest), outputs as numpy arrays by name."""
-        result = self._main(*self._device_args(feeds))
-        self.device.sync()
-        values = list(result) if len(self.outputs) > 1 else [result]
-        return {spec["name"]: value.numpy() for spec, value in zip(self.outputs, values, strict=True)}
+        args = self._device_args(feeds)
+        try:
+            result = self._main(*args)
+            self.device.sync()
+            values = list(result) if len(self.outputs) > 1 else [result]
+            return {spec["name"]: _to_numpy(value, spec["dtype"])
+                    for spec, value in zip(self.outputs, values, strict=True)}
+        except Exception as exc:  # noqa: BLE001 - TVM raises its own error types (e.g. a negative output dim)
+            raise ArtifactError(f"the compiled model failed to run: {str(exc).strip().splitlines()[-1]}") from None
 
     def prepared(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], None]:
         """A call that runs the model once on ``feeds``, copied to the device now: what timing loops call."""
@@ -155,6 +160,11 @@ class Runner:
         return [tvm.runtime.tensor(value, self.device) for value in check_feeds(self.inputs, feeds)]
 
 
+def _to_numpy(value: Any, dtype: str) -> np.ndarray:
+    """A VM result as numpy: a tensor, or the shape tuple Relax returns where an ONNX Shape is an output."""
+    return value.numpy() if hasattr(value, "numpy") else np.array(tuple(value), dtype=dtype)
+
+
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -207,7 +217,7 @@ def check_feeds(specs: Sequence[Mapping[str, Any]], feeds: Mapping[str, Any]) ->
                 if seen[0] != got:
                     raise ArtifactError(f"dim {want!r} is {seen[0]} in input {seen[1]!r} but {got} in input "
                                         f"{name!r} (axis {axis})")
-        ordered.append(np.ascontiguousarray(value))
+        ordered.append(np.require(value, requirements="C"))  # ascontiguousarray makes a 0-d array 1-d
     return ordered
 
 
