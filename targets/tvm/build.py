@@ -9,6 +9,7 @@ existing artifact is either replaced whole or left as it was.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import onnx
 
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model
-from graphopt.onnx_io import ModelLike, to_bytes
+from graphopt.onnx_io import ModelLike, to_bytes, to_proto
 
 from .cuda import FATBIN, precompile
 from .frontend import prepare, relax_output_shapes, signature, to_relax
@@ -63,6 +64,7 @@ def compile_model(
     tune_time_limit_s: float | None = None,
     exec_mode: str = "compiled",
     search: SearchConfig | None = None,
+    verify: bool = True,
 ) -> CompileResult:
     """Compile ``model`` for ``target`` ("cpu" or "cuda") into artifact directory ``output``.
 
@@ -75,6 +77,10 @@ def compile_model(
     the VM's call instrument, which :meth:`Runner.profile` times each call with. ``search`` sets the
     MetaSchedule search (default: :class:`SearchConfig`, timing with flushed caches when the weights
     exceed this CPU's last-level cache, see :func:`weights_exceed`).
+    ``verify`` runs the artifact and onnxruntime (the model as given) on the same generated inputs before
+    the directory is put in place, and raises instead of writing it when an output differs (TVM's import
+    of some ops computes something else, e.g. NonMaxSuppression); the result is the manifest's
+    ``verification``. A CUDA artifact is verified only where there is a GPU.
     """
     if exec_mode not in EXEC_MODES:
         raise GraphoptError(f"unknown exec mode {exec_mode!r}", hint=f"use one of {', '.join(EXEC_MODES)}")
@@ -136,7 +142,11 @@ def compile_model(
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "cuda_fatbin": None if kernels is None else {"file": FATBIN, "source_sha256": kernels[1]},
     }
-    _write_artifact(out, executable, manifest, {FATBIN: kernels[0]} if kernels else {})
+    check = None
+    if verify:
+        original = to_proto(model) if isinstance(model, Model) else model  # (its file may predate edits)
+        check = functools.partial(_check_outputs, original, proto, target)
+    _write_artifact(out, executable, manifest, {FATBIN: kernels[0]} if kernels else {}, check)
     return CompileResult(out, manifest, seconds, report)
 
 
@@ -200,7 +210,37 @@ def _compile(mod, target, exec_mode: str):
         raise GraphoptError(f"TVM failed to compile the model for {target.kind.name}: {detail}") from None
 
 
-def _write_artifact(out: Path, executable, manifest: dict[str, Any], extra: dict[str, bytes]) -> None:
+def _check_outputs(original: ModelLike, proto: onnx.ModelProto, target: str, folder: Path) -> dict[str, Any]:
+    """Compare the artifact in ``folder`` with onnxruntime running ``original`` on inputs generated for the
+    compiled model (``proto``: shapes bound); raise on a difference, else say what was checked."""
+    from graphopt.verify import VerificationError, generate_inputs
+
+    from .verify import verify_artifact
+
+    if target == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            return {"checked": False, "why": "no CUDA GPU here to run it on"}
+    try:
+        report = verify_artifact(original, folder, inputs=generate_inputs(proto, seed=0))
+    except VerificationError as exc:  # generated inputs the original does not run on: nothing to compare with
+        logger.warning("the compiled model was not verified: %s", exc)
+        return {"checked": False, "why": str(exc)}
+    if report.error is not None:
+        raise GraphoptError(f"{report.error} (on generated inputs the original runs on in onnxruntime)",
+                            hint="`graphopt compile --no-verify` writes it anyway")
+    if not report.ok:
+        bad = "; ".join(f"{d.name}: {d.verdict}" + (f" ({d.detail})" if d.detail else "")
+                        for d in report.outputs if not d.ok)
+        raise GraphoptError(f"the compiled model's outputs differ from onnxruntime's on generated inputs: {bad}",
+                            hint="TVM imports or compiles an op of this model differently; `graphopt compile "
+                                 "--no-verify` writes it anyway, `graphopt verify MODEL DIR` compares again")
+    return {"checked": True, "inputs": report.input_shapes, "outputs": {d.name: d.verdict for d in report.outputs}}
+
+
+def _write_artifact(out: Path, executable, manifest: dict[str, Any], extra: dict[str, bytes],
+                    check: Callable[[Path], dict[str, Any]] | None = None) -> None:
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
@@ -212,6 +252,9 @@ def _write_artifact(out: Path, executable, manifest: dict[str, Any], extra: dict
         for name, data in extra.items():
             (staging / name).write_bytes(data)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if check is not None:  # before the rename: a wrong artifact never takes the output's place
+            manifest["verification"] = check(staging)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.old-"))

@@ -41,7 +41,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                shapes=parse_shapes(args.shape), tune_trials=trials,
                                db=args.db or (DEFAULT_DB if args.tune else None), exec_mode=args.exec_mode,
                                rpc=rpc, num_cores=args.num_cores, on_progress=on_progress,
-                               tune_time_limit_s=None if args.tune_minutes is None else 60 * args.tune_minutes)
+                               tune_time_limit_s=None if args.tune_minutes is None else 60 * args.tune_minutes,
+                               verify=not args.no_verify)
     report = result.tuning
     if args.json:
         print(json.dumps({"output": str(result.path), "manifest": result.manifest,
@@ -59,6 +60,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
                   f"database {report.database}")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     out.print(f"compiled for {describe_target(result.manifest)} ({stages}); wrote {result.path}")
+    checked = result.manifest.get("verification")
+    if checked is not None:
+        out.print(f"verified: its {len(checked['outputs'])} output(s) match onnxruntime's on generated inputs"
+                  if checked["checked"] else f"not verified: {checked['why']}")
     return 0
 
 
@@ -178,6 +183,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exec-mode", choices=EXEC_MODES, default="compiled",
                    help="compiled: the Relax VM's bytecode as native code (faster); bytecode: keeps the VM's "
                         "call instrument, for Runner.profile")
+    p.add_argument("--no-verify", action="store_true",
+                   help="write the artifact without first comparing its outputs with onnxruntime's")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(func=cmd_compile)
 

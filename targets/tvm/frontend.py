@@ -60,6 +60,11 @@ def check_supported(model: Model) -> None:
     for node in model.graph:
         if node.domain not in ONNX_DOMAINS or node.op_type not in known:
             first.setdefault(node.qualified_op, node.name or f"<unnamed {node.op_type}>")
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        if value.type is not None and not isinstance(value.type, TensorType):
+            kind = type(value.type).__name__.removesuffix("Type").lower()
+            raise UnsupportedModelError(f"graph input/output {value.name!r} is not a tensor (its type is {kind}); "
+                                        "TVM's importer takes tensors only")
     if first:
         listed = ", ".join(f"{op} (node {name!r})" for op, name in sorted(first.items()))
         raise UnsupportedModelError(

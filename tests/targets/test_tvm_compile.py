@@ -283,3 +283,52 @@ def test_cli_errors_exit_2_without_output(tmp_path, capsys, compiled):
     bad = str(tmp_path / "bad.npz")
     assert main(["run", str(compiled[1].path), "--inputs", bad, "-o", str(tmp_path / "y.npz")]) == 2
     assert "dtype int64" in capsys.readouterr().err and not (tmp_path / "y.npz").exists()
+
+
+def test_an_artifact_whose_outputs_differ_from_onnxruntime_is_not_written(tmp_path, monkeypatch, capsys):
+    """compile checks the artifact against onnxruntime before putting it in place: a kernel TVM gets wrong
+    (here: the imported graph's Relu swapped for Sigmoid behind compile's back) leaves the old artifact."""
+    import graphopt.targets.tvm.build as build
+
+    onnx.save(conv_net(), tmp_path / "net.onnx")
+    out = tmp_path / "net.tvm"
+    first = compile_model(tmp_path / "net.onnx", out, shapes={"N": [2]})
+    assert first.manifest["verification"]["checked"] and first.manifest["verification"]["outputs"] == {"y": "match"}
+    before = read_manifest(out)
+    prepare = build.prepare
+
+    def wrong(*args, **kwargs):
+        proto = prepare(*args, **kwargs)
+        for node in proto.graph.node:
+            node.op_type = "Sigmoid" if node.op_type == "Relu" else node.op_type
+        return proto
+
+    monkeypatch.setattr(build, "prepare", wrong)
+    with pytest.raises(GraphoptError, match="outputs differ from onnxruntime's on generated inputs: y: mismatch"):
+        compile_model(tmp_path / "net.onnx", out, shapes={"N": [2]})
+    assert read_manifest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.tvm"]
+    assert main(["compile", str(tmp_path / "net.onnx"), "-o", str(tmp_path / "cli.tvm"), "--shape", "N=2"]) == 2
+    assert "outputs differ" in capsys.readouterr().err and not (tmp_path / "cli.tvm").exists()
+    assert main(["compile", str(tmp_path / "net.onnx"), "-o", str(tmp_path / "cli.tvm"), "--shape", "N=2",
+                 "--no-verify"]) == 0
+    assert "verification" not in read_manifest(tmp_path / "cli.tvm")
+
+
+def test_scalar_inputs_shape_outputs_and_optional_inputs(tmp_path):
+    """A 0-d input stays 0-d on its way to the VM, an ONNX Shape output comes back as an int64 array, and a
+    graph input TVM cannot take is one clear error."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "s"], ["y"]), helper.make_node("Shape", ["y"], ["shape"])], "g",
+        [helper.make_tensor_value_info("x", T.FLOAT, [2, 3]), helper.make_tensor_value_info("s", T.FLOAT, [])],
+        [helper.make_tensor_value_info("y", T.FLOAT, [2, 3]), helper.make_tensor_value_info("shape", T.INT64, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    got = load(compile_model(model, tmp_path / "scalar.tvm").path).run({"x": np.ones((2, 3), np.float32),
+                                                                        "s": np.array(2.5, np.float32)})
+    np.testing.assert_array_equal(got["y"], np.full((2, 3), 2.5, np.float32))
+    assert got["shape"].dtype == np.int64 and got["shape"].tolist() == [2, 3]
+    optional = helper.make_graph(
+        [helper.make_node("OptionalHasElement", ["o"], ["h"])], "g",
+        [helper.make_value_info("o", helper.make_optional_type_proto(helper.make_tensor_type_proto(T.FLOAT, [2])))],
+        [helper.make_tensor_value_info("h", T.BOOL, [])])
+    with pytest.raises(UnsupportedModelError, match="'o' is not a tensor \\(its type is optional\\)"):
+        compile_model(helper.make_model(optional, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "o")
