@@ -6,11 +6,14 @@ dilated/same/reflect convolutions, embeddings, top-k/cumsum, einsum) is exported
 TorchScript exporter where that exporter can, then: ``optimize`` for both target runtimes must keep the
 outputs (graphopt's tolerance), static and dynamic ``quantize`` must give a model onnxruntime runs close
 to fp32, and TVM ``compile`` must give an artifact that matches or refuse the model with a clear error.
+Each is also exported in float16 (the module's ``half()``), which ``optimize`` must keep within float16's
+tolerance (for float32 outputs computed in float16 too, see ``graphopt.verify.precision``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import warnings
 
@@ -20,7 +23,7 @@ import pytest
 import graphopt
 from graphopt.errors import GraphoptError
 from graphopt.passes.quant import QuantConfig, quantize
-from graphopt.verify import compare_values
+from graphopt.verify import compare_values, verify_models
 from tests.helpers import run
 
 torch = pytest.importorskip("torch")
@@ -150,10 +153,12 @@ def sample(name: str, shape: tuple[int, ...], seed: int) -> dict[str, np.ndarray
     return {"x": rng.standard_normal(shape).astype(np.float32)}
 
 
-def export(name: str, exporter: str, path) -> dict[str, np.ndarray]:
+def export(name: str, exporter: str, path, half: bool = False) -> dict[str, np.ndarray]:
     module, shape, _ = LAYERS[name]
+    module = copy.deepcopy(module).half() if half else module
     module.eval()
-    feeds = sample(name, shape, 0)
+    feeds = {k: v.astype(np.float16) if half and v.dtype == np.float32 else v
+             for k, v in sample(name, shape, 0).items()}
     args = tuple(torch.from_numpy(v) for v in feeds.values())
     quiet = contextlib.ExitStack()
     quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
@@ -204,3 +209,13 @@ def test_optimize_quantize_and_compile_an_exported_layer(name, exporter, tmp_pat
         artifact = compile_model(str(path), tmp_path / "model.tvm", shapes={"x": list(feeds["x"].shape)}).path
         assert not differences(reference, list(load(artifact).run(feeds).values()))
     assert path.read_bytes() == exported  # no job touches its input file
+
+
+@pytest.mark.parametrize(("name", "exporter"), CASES)
+def test_optimize_keeps_a_float16_export(name, exporter, tmp_path):
+    path = tmp_path / f"{name}.onnx"
+    feeds = export(name, exporter, path, half=True)
+    for target_runtime in ("ort", "ort-cpu"):
+        optimized = graphopt.optimize(str(path), target_runtime=target_runtime).model
+        report = verify_models(str(path), graphopt.to_bytes(optimized), inputs=feeds, bisect=False)
+        assert report.ok, (target_runtime, [(d.name, d.verdict, d.detail) for d in report.outputs])

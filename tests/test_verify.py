@@ -26,6 +26,7 @@ from graphopt.verify import (
     verify_models,
 )
 from graphopt.verify.bisect import topological_order
+from graphopt.verify.precision import computed_in
 from graphopt.verify.runtime import LoadedModel, load_model, open_session, run_session
 
 HEADER = '<ir_version: 10, opset_import: ["" : 18]>\n'
@@ -237,6 +238,20 @@ def test_run_session_asked_for_nothing_runs_nothing_and_a_failed_run_names_the_i
         assert run_session(sess, {"x": f32(1, 2, 3, 4), "s": np.array([2, 2])})["y"].shape == (2, 2)
         with pytest.raises(VerificationError, match=r"failed to run the probe on inputs x\[4\], s\[2\]"):
             run_session(sess, {"x": f32(1, 2, 3, 4), "s": np.array([3, 3])}, label="probe")
+
+
+def test_outputs_computed_through_float16_are_judged_by_float16s_tolerance() -> None:
+    """A float32 output that passes through float16 carries float16 rounding; an output that does not keeps
+    float32's tolerance."""
+    original = parse("g (float[64] x) => (float[64] y, float[64] z) {"
+                     " h = Cast <to = 10> (x)\n y = Cast <to = 1> (h)\n z = Identity(x) }")
+    candidate = parse("g (float[64] x) => (float[64] y, float[64] z) {"
+                      " y = Identity(x)\n z = Mul(x, s) }", s=f32(1.0005))
+    report = verify_models(original, candidate, bisect=False)
+    verdicts = {d.name: d.verdict for d in report.outputs}
+    assert verdicts == {"y": "match", "z": "mismatch"}, report.outputs
+    assert "judged as float16" in report.outputs[0].detail
+    assert computed_in(original) == {"y": np.dtype(np.float16)}
 
 
 def test_dynamic_dims_bound_consistently() -> None:

@@ -43,6 +43,13 @@ signal. The RMS rather than the max keeps one outlier from loosening the bound
 for the whole tensor (a tensor dominated by sentinel values such as -1e9
 attention masks still gets a loose bound; its consumers are judged on their
 own scale). Explicit ``rtol``/``atol`` replace rule (1); ``noise=0`` turns rule (2) off.
+
+The dtype whose defaults apply is the output's, or a narrower float type its
+computation passes through (:mod:`graphopt.verify.precision`): a float32 output
+of a model that computes in float16 carries float16 rounding, and where it
+rounds is not fixed (onnxruntime's CPU provider runs some float16 ops in
+float32 and skips the rounding between them, so moving a Transpose between two
+ops moves a rounding).
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ from graphopt.verify.compare import (
 )
 from graphopt.verify.errors import VerificationError
 from graphopt.verify.inputs import check_inputs, generate_inputs, input_specs, load_inputs
+from graphopt.verify.precision import computed_in
 from graphopt.verify.report import VerifyReport, describe_divergence, render_report
 from graphopt.verify.runtime import LoadedModel, ModelLike, load_model, run_model
 
@@ -157,7 +165,7 @@ def verify_models(
         return report
     if extra := sorted(set(got) - set(ref)):
         report.notes.append(f"candidate outputs not in the original are not compared: {extra}")
-    report.outputs = compare_outputs(ref, got, rtol, atol, noise=noise)
+    report.outputs = compare_outputs(ref, got, rtol, atol, noise=noise, computed_in=computed_in(orig.proto))
     report.ok = all(diff.ok for diff in report.outputs)
     if not report.ok and bisect:
         _bisect(report, orig, cand, feeds, cand_feeds, rtol=rtol, atol=atol, noise=noise)

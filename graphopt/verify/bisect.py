@@ -57,7 +57,7 @@ def topological_order(graph: onnx.GraphProto) -> list[int]:
     users: dict[int, list[int]] = {}
     indegree = [0] * len(graph.node)
     for i, node in enumerate(graph.node):
-        for dep in {producer[name] for name in _used_names(node) if name in producer} - {i}:
+        for dep in {producer[name] for name in used_names(node) if name in producer} - {i}:
             users.setdefault(dep, []).append(i)
             indegree[i] += 1
     ready = [i for i, d in enumerate(indegree) if d == 0]
@@ -76,12 +76,13 @@ def topological_order(graph: onnx.GraphProto) -> list[int]:
     return order
 
 
-def _used_names(node: onnx.NodeProto) -> Iterator[str]:
+def used_names(node: onnx.NodeProto) -> Iterator[str]:
+    """Every value name the node reads, those its subgraphs read from outside included."""
     yield from node.input
     for attr in node.attribute:
         for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
             for inner in sub.node:
-                yield from _used_names(inner)
+                yield from used_names(inner)
 
 
 def common_values(original: onnx.GraphProto, candidate: onnx.GraphProto) -> list[tuple[str, int]]:

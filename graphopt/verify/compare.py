@@ -116,8 +116,13 @@ def compare_values(
     rtol: float | None = None,
     atol: float | None = None,
     noise: float | None = None,
+    computed_in: np.dtype | None = None,
 ) -> OutputDiff:
-    """Compare one reference value with the candidate's (``None`` if the candidate lacks it)."""
+    """Compare one reference value with the candidate's (``None`` if the candidate lacks it).
+
+    ``computed_in``: a narrower float type the value was computed through (:mod:`.precision`), whose
+    default tolerance then applies to it.
+    """
     if got is None:
         return OutputDiff(name, "missing", detail="the candidate produces no value of this name")
     if isinstance(ref, list) or isinstance(got, list):
@@ -137,7 +142,10 @@ def compare_values(
     elif ref.dtype != got.dtype:
         diff.verdict, diff.detail = "mismatch", f"dtype {got.dtype.name}, expected {ref.dtype.name}"
     elif is_float_dtype(ref.dtype):
-        diff.tolerance_used = tolerance_for(ref.dtype, rtol, atol, noise)
+        looser = computed_in is not None and ml_dtypes.finfo(computed_in).eps > ml_dtypes.finfo(ref.dtype).eps
+        diff.tolerance_used = tolerance_for(computed_in if looser else ref.dtype, rtol, atol, noise)
+        if looser:
+            diff.detail = f"judged as {np.dtype(computed_in).name}, which its computation passes through"
         _compare_floats(diff, ref, got, diff.tolerance_used)
     else:
         diff.tolerance_used = default_tolerance(ref.dtype)
@@ -225,18 +233,22 @@ def compare_outputs(
     atol: float | None = None,
     *,
     noise: float | None = None,
+    computed_in: Mapping[str, np.dtype] | None = None,
 ) -> list[OutputDiff]:
     """Compare every reference output with the candidate output of the same name.
 
     Matching is by name: passes must keep graph output names. A reference
     output the candidate lacks gets the ``missing`` verdict; extra candidate
     outputs are ignored. Explicit ``rtol``/``atol`` replace the dtype defaults
-    for the elementwise check; ``noise`` (0 disables) the float-noise bound.
+    for the elementwise check; ``noise`` (0 disables) the float-noise bound;
+    ``computed_in`` gives outputs computed through a narrower float type
+    (:func:`graphopt.verify.precision.computed_in`) that type's defaults.
     """
     extra = sorted(set(got) - set(ref))
     if extra:
         logger.debug("candidate outputs not in the reference are not compared: %s", extra)
     return [
-        compare_values(name, value, got.get(name), rtol=rtol, atol=atol, noise=noise)
+        compare_values(name, value, got.get(name), rtol=rtol, atol=atol, noise=noise,
+                       computed_in=(computed_in or {}).get(name))
         for name, value in ref.items()
     ]

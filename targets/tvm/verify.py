@@ -21,7 +21,8 @@ from graphopt.verify import (
     load_inputs,
     run_model,
 )
-from graphopt.verify.runtime import ModelLike
+from graphopt.verify.precision import computed_in
+from graphopt.verify.runtime import ModelLike, load_model
 
 from .runtime import ArtifactError, load
 
@@ -53,6 +54,6 @@ def verify_artifact(
     except (ArtifactError, VerificationError) as exc:
         report.error = str(exc)
         return report
-    report.outputs = compare_outputs(ref, got, rtol, atol)
+    report.outputs = compare_outputs(ref, got, rtol, atol, computed_in=computed_in(load_model(original).proto))
     report.ok = all(diff.ok for diff in report.outputs)
     return report
