@@ -267,13 +267,27 @@ def _symbolic(proto: onnx.ModelProto, importer: Importer) -> dict[str, ValueType
     finally:
         sym_log.setLevel(level)
     out: dict[str, ValueType] = {}
+    untrusted = _ml_outputs(proto.graph)
     for info in _value_infos(graph):
+        if info.name in untrusted:
+            continue
         value_type = importer.value_type(info.type)
         if isinstance(value_type, TensorType) and value_type.shape is not None:
             shape = tuple(d if not isinstance(d, str) or _over_inputs(d, allowed) else None for d in value_type.shape)
             value_type = TensorType(value_type.elem_type, shape)
         out[info.name] = value_type
     return out
+
+
+def _ml_outputs(graph: onnx.GraphProto) -> set[str]:
+    """Outputs of ai.onnx.ml nodes: onnxruntime's symbolic inference gets some wrong (ArrayFeatureExtractor on
+    1-D data returns [1, all indices], it says the indices' shape), and onnx's own inference covers them."""
+    found = {out for node in graph.node if node.domain == "ai.onnx.ml" for out in node.output}
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                found |= _ml_outputs(sub)
+    return found
 
 
 @functools.cache

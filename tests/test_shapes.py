@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.ir import Node
@@ -44,3 +45,21 @@ def test_names_invented_by_two_inferences_never_alias_two_different_dims():
     total, w = run(graphopt.to_bytes(model), feeds)
     assert total == 3
     np.testing.assert_array_equal(w, np.arange(5) ** 2)
+
+
+def test_array_feature_extractor_keeps_the_reshape_after_it():
+    """ArrayFeatureExtractor on 1-D data returns [1, all indices] (what onnxruntime computes); onnxruntime's
+    symbolic inference says indices.shape, which made the Reshape back to [-1, 3] look like a no-op
+    (skl2onnx's KNeighborsClassifier: every label came out for the first row only)."""
+    graph = helper.make_graph(
+        [helper.make_node("ArrayFeatureExtractor", ["labels", "idx"], ["z"], domain="ai.onnx.ml"),
+         helper.make_node("Reshape", ["z", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, None)],
+        [numpy_helper.from_array(np.arange(10, 160, dtype=np.int64), "labels"),
+         numpy_helper.from_array(np.array([-1, 3], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    idx = np.arange(24, dtype=np.int64).reshape(8, 3)
+    optimized = graphopt.optimize(model).model
+    (y,) = run(graphopt.to_bytes(optimized), {"idx": idx})
+    np.testing.assert_array_equal(y, idx + 10)
