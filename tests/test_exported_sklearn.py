@@ -1,6 +1,6 @@
-"""scikit-learn estimators beyond the zoo's two pipelines, converted by skl2onnx (ai.onnx.ml ops, Scan,
-ZipMap sequences of maps), through ``optimize`` (verified on a batch of 8 rows, where the conversion saw
-one) and through static/dynamic ``quantize`` (the result must run)."""
+"""scikit-learn estimators beyond the zoo's two pipelines, converted by skl2onnx (ai.onnx.ml ops, Scan
+bodies that pass a state through, ZipMap sequences of maps), through ``optimize`` (verified on a batch of 8
+rows, where the conversion saw one) and through static/dynamic ``quantize`` (the result must run)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,29 @@ from graphopt.verify import verify_models
 sklearn = pytest.importorskip("sklearn")
 skl2onnx = pytest.importorskip("skl2onnx")
 
+from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.datasets import load_iris, make_regression  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
-from sklearn.ensemble import GradientBoostingClassifier, RandomForestRegressor  # noqa: E402
+from sklearn.ensemble import (  # noqa: E402
+    AdaBoostClassifier,
+    BaggingClassifier,
+    GradientBoostingClassifier,
+    IsolationForest,
+    RandomForestRegressor,
+)
+from sklearn.gaussian_process import GaussianProcessRegressor  # noqa: E402
 from sklearn.linear_model import LogisticRegression, Ridge, SGDClassifier  # noqa: E402
+from sklearn.naive_bayes import GaussianNB  # noqa: E402
 from sklearn.neighbors import KNeighborsClassifier  # noqa: E402
 from sklearn.neural_network import MLPClassifier  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
-from sklearn.preprocessing import MinMaxScaler, PolynomialFeatures, StandardScaler  # noqa: E402
+from sklearn.preprocessing import (  # noqa: E402
+    KBinsDiscretizer,
+    MinMaxScaler,
+    PolynomialFeatures,
+    RobustScaler,
+    StandardScaler,
+)
 from sklearn.svm import SVC, SVR  # noqa: E402
 from sklearn.tree import DecisionTreeClassifier  # noqa: E402
 
@@ -38,8 +53,14 @@ ESTIMATORS = {
     "forest_regressor": lambda: RandomForestRegressor(5, max_depth=4, random_state=0),
     "svr": lambda: SVR(),
     "sgd": lambda: SGDClassifier(random_state=0),
+    "gaussian_process": lambda: GaussianProcessRegressor(),
+    "kbins_gaussian_nb": lambda: make_pipeline(KBinsDiscretizer(3, encode="onehot-dense"), GaussianNB()),
+    "robust_adaboost": lambda: make_pipeline(RobustScaler(), AdaBoostClassifier(n_estimators=5, random_state=0)),
+    "isolation_forest": lambda: IsolationForest(n_estimators=5, random_state=0),
+    "kmeans": lambda: KMeans(3, n_init=2, random_state=0),
+    "bagging": lambda: BaggingClassifier(n_estimators=3, random_state=0),
 }
-REGRESSORS = {"poly_ridge", "forest_regressor", "svr"}
+REGRESSORS = {"poly_ridge", "forest_regressor", "svr", "gaussian_process"}
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))

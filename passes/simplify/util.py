@@ -101,7 +101,9 @@ def rename_blocker(value: Value, graph: Graph, scope: Scope) -> str | None:
             return f"{value.name!r} is an initializer"
         if graph.parent is None:
             return f"{value.name!r} is a graph input"
-        return None  # a Loop/Scan body's input: bodies bind inputs and outputs by position, not by name
+        if graph.parent.op_type == "Scan":  # onnxruntime's Scan computes zeros and wrong scan outputs then
+            return f"{value.name!r} is an input of this Scan body"
+        return None  # a Loop/If body's input: bodies bind inputs and outputs by position, not by name
     return None
 
 

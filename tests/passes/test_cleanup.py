@@ -128,6 +128,27 @@ def test_identity_passing_a_loop_body_input_to_an_output_goes():
         np.testing.assert_array_equal(run(original, inputs)[0], run(graphopt.to_bytes(result.model), inputs)[0])
 
 
+def test_identity_passing_a_scan_body_input_to_an_output_stays():
+    """onnxruntime's Scan returns zeros for a state whose body output is the body input itself, and shifts the
+    scan outputs (skl2onnx's GaussianProcessRegressor and KNeighbors models have such Identity nodes)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2] s0, float[3, 2] xs) => (float[2] sf, float[3, 2] ts) {
+        sf, ts = Scan <num_scan_inputs = 1, body = b (float[2] s_in, float[2] x) => (float[2] s_out, float[2] t) {
+            s_out = Identity(s_in)
+            t = Add(s_in, x)
+        }> (s0, xs)
+    }
+    """
+    original, result = optimized(text)
+    (scan,) = [n for n in result.model.graph if n.op_type == "Scan"]
+    (body,) = scan.subgraphs()
+    assert body.outputs[0] is not body.inputs[0]
+    inputs = {"s0": np.array([1, 2], np.float32), "xs": np.arange(6, dtype=np.float32).reshape(3, 2)}
+    for want, got in zip(run(original, inputs), run(graphopt.to_bytes(result.model), inputs), strict=True):
+        np.testing.assert_array_equal(want, got)
+
+
 def test_unused_initializers_removed_but_input_backed_ones_kept():
     text = """
     <ir_version: 4, opset_import: ["" : 9]>
