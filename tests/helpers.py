@@ -45,3 +45,27 @@ def _strip(data):
     if isinstance(data, list):
         return [_strip(v) for v in data]
     return data
+
+
+def export_torch(module, args: tuple, path, exporter: str, input_names: list[str],
+                 dynamic_axes: dict | None = None) -> None:
+    """Export ``module`` at opset 18 with the dynamo or the TorchScript exporter, quietly (both print a lot):
+    dynamo with its optimizer and weights inline, TorchScript with ``dynamic_axes``."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    with contextlib.ExitStack() as quiet:
+        quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        quiet.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        quiet.enter_context(torch.no_grad())
+        if exporter == "dynamo":
+            torch.onnx.export(module, args, str(path), dynamo=True, opset_version=18, input_names=input_names,
+                              external_data=False, optimize=True)
+        else:
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=18, input_names=input_names,
+                              dynamic_axes=dynamic_axes, training=torch.onnx.TrainingMode.PRESERVE)

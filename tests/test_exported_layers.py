@@ -12,10 +12,7 @@ tolerance (for float32 outputs computed in float16 too, see ``graphopt.verify.pr
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import warnings
 
 import numpy as np
 import pytest
@@ -24,7 +21,7 @@ import graphopt
 from graphopt.errors import GraphoptError
 from graphopt.passes.quant import QuantConfig, quantize
 from graphopt.verify import compare_values, verify_models
-from tests.helpers import run
+from tests.helpers import export_torch, run
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -160,18 +157,7 @@ def export(name: str, exporter: str, path, half: bool = False) -> dict[str, np.n
     feeds = {k: v.astype(np.float16) if half and v.dtype == np.float32 else v
              for k, v in sample(name, shape, 0).items()}
     args = tuple(torch.from_numpy(v) for v in feeds.values())
-    quiet = contextlib.ExitStack()
-    quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
-    quiet.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")
-    with quiet, torch.no_grad():
-        if exporter == "dynamo":
-            torch.onnx.export(module, args, str(path), dynamo=True, opset_version=18, input_names=["x"],
-                              external_data=False, optimize=True)
-        else:
-            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=18, input_names=["x"],
-                              dynamic_axes={"x": {0: "batch"}}, training=torch.onnx.TrainingMode.PRESERVE)
+    export_torch(module, args, path, exporter, ["x"], {"x": {0: "batch"}})
     return feeds
 
 

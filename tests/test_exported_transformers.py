@@ -11,16 +11,14 @@ packed ``Attention``.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import warnings
 
 import numpy as np
 import pytest
 
 import graphopt
 from graphopt.verify import verify_models
+from tests.helpers import export_torch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -108,19 +106,7 @@ def export(name: str, exporter: str, path) -> dict[str, np.ndarray]:
     else:
         feeds = {"pixels": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)}
         axes = {"pixels": {0: "batch"}}
-    args = tuple(torch.from_numpy(v) for v in feeds.values())
-    quiet = contextlib.ExitStack()
-    quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
-    quiet.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")
-    with quiet, torch.no_grad():
-        if exporter == "dynamo":
-            torch.onnx.export(module, args, str(path), dynamo=True, opset_version=18, input_names=list(feeds),
-                              external_data=False, optimize=True)
-        else:
-            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=18, input_names=list(feeds),
-                              dynamic_axes=axes)
+    export_torch(module, tuple(torch.from_numpy(v) for v in feeds.values()), path, exporter, list(feeds), axes)
     return feeds
 
 

@@ -82,6 +82,19 @@ def failure(name: str, model: onnx.ModelProto, feeds: dict, expected: Sequence) 
     return f"{name}: " + "; ".join(f"{d.name} {d.verdict} {d.detail}".strip() for d in bad) if bad else None
 
 
+def attempt(name: str, failures: list[str], func, *args, **kwargs) -> bool:
+    """Run ``func(*args, **kwargs)``: True if it returned, False if it refused with a GraphoptError (a clear
+    error is a fine answer); any other exception is recorded in ``failures``."""
+    try:
+        func(*args, **kwargs)
+        return True
+    except GraphoptError:
+        return False
+    except Exception as err:  # noqa: BLE001 - any other exception is the failure being reported
+        failures.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        return False
+
+
 def data_folder_cases() -> Iterator[tuple[str, onnx.ModelProto, dict, list]]:
     root = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
     for folder in sorted(glob.glob(os.path.join(root, "*", "*", ""))):
@@ -140,7 +153,7 @@ def test_static_quantization_of_every_node_case_it_applies_to(cases, activation_
             continue
         try:
             _, report = quantize(case.model, [feeds], config)  # checks that onnxruntime loads and runs the result
-        except Exception as err:  # noqa: BLE001 - any exception is the failure being reported
+        except Exception as err:  # noqa: BLE001 - any exception, a GraphoptError too, is the failure reported
             failures.append(f"{case.name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             continue
         quantized += report.quantized_nodes > 0
@@ -158,13 +171,7 @@ def test_pruning_every_node_case_it_applies_to_succeeds_or_says_why(cases):
         feeds = {vi.name: x for vi, x in zip(case.model.graph.input, inputs, strict=True)}
         for config in (PruneConfig(ratio=0.5, default_protect=False),
                        PruneConfig(ratio=0.5, default_protect=False, calib=[feeds], criterion="activation")):
-            try:
-                prune(graphopt.load(case.model), config)  # checks that onnxruntime runs the result
-                pruned += 1
-            except GraphoptError:
-                pass
-            except Exception as err:  # noqa: BLE001 - any other exception is the failure being reported
-                failures.append(f"{case.name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            pruned += attempt(case.name, failures, prune, graphopt.load(case.model), config)
     assert pruned > 250
     assert not failures, "\n".join(failures)
 
@@ -182,12 +189,6 @@ def test_tvm_compiles_every_node_case_or_says_why(cases, tmp_path):
         if not all(isinstance(x, np.ndarray) and x.dtype != object for x in inputs):
             continue
         shapes = {vi.name: list(x.shape) for vi, x in zip(case.model.graph.input, inputs, strict=True)}
-        try:
-            compile_model(case.model, tmp_path / str(i), shapes=shapes)
-            compiled += 1
-        except GraphoptError:
-            pass
-        except Exception as err:  # noqa: BLE001 - any other exception is the failure being reported
-            failures.append(f"{case.name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        compiled += attempt(case.name, failures, compile_model, case.model, tmp_path / str(i), shapes=shapes)
     assert compiled > 800
     assert not failures, "\n".join(failures)
