@@ -55,6 +55,9 @@ FLOAT_PREFIX_BELOW, FLOAT_PREFIX_AS_FAST, FLOAT_PREFIX_ERROR, MAX_FLOAT_PREFIX =
 SQNR_SAMPLES = 2  # per-tensor SQNR runs both models with every quantized tensor exposed: a few samples
 #: A Concat stays float when one input spans less than this share of all inputs' union range (4 bits lost).
 CONCAT_MIN_SPAN = 1 / 16
+#: A node whose activation input reaches this magnitude, this many times beyond its other inputs, is adding a
+#: mask's sentinel (old BERT exports use -10000) and stays float.
+MASK_SENTINEL, MASK_RATIO = 1e4, 100.0
 KEEP_SMOOTHING = 0.9  # kept where the output error drops by a tenth: an unfolded 1/s is one more op per activation
 
 Calibration = CalibSource | Iterable[Mapping[str, np.ndarray]]
@@ -229,6 +232,7 @@ def _plan_and_ranges(model: Model, samples, config: QuantConfig
             plan.kept_float.append(FloatNode(name, cand.node.op_type, UNSUPPORTED,
                                              f"{missing[0]} is {dtypes.get(missing[0], 'not float')}"))
     _float_concats_of_unequal_ranges(plan, ranges)
+    _float_sums_with_a_mask(plan, ranges)
     return plan, ranges, reference
 
 
@@ -249,6 +253,24 @@ def _float_concats_of_unequal_ranges(plan: Plan, ranges: Mapping[str, tuple[floa
             plan.kept_float.append(FloatNode(name, cand.node.op_type, RANGES,
                                              f"input {narrow} spans {spans[narrow]:.3g} of the {union:.3g} its "
                                              "int8 copy would share: too few levels left for it"))
+
+
+def _float_sums_with_a_mask(plan: Plan, ranges: Mapping[str, tuple[float, float]]) -> None:
+    """A node adding an attention mask's sentinel (-3.4e38, -1e9, -10000 where a position is masked) to scores
+    of a few units: int8 would spend every level of the sum on the sentinel, and the softmax after it would
+    read garbage (T5's encoder, whose position bias carries the mask: output cosine 0.94 with the Add int8)."""
+    for name, cand in list(plan.candidates.items()):
+        reach = {n: max(abs(ranges[n][0]), abs(ranges[n][1])) for n in (cand.node.inputs[i].name
+                                                                         for i in cand.activations)}
+        if len(reach) < 2:  # one activation, or the same one twice (x * x)
+            continue
+        widest = max(reach, key=reach.__getitem__)
+        others = max(r for n, r in reach.items() if n != widest)
+        if reach[widest] >= MASK_SENTINEL and reach[widest] >= MASK_RATIO * others:
+            del plan.candidates[name]
+            plan.kept_float.append(FloatNode(name, cand.node.op_type, RANGES,
+                                             f"input {widest} reaches {reach[widest]:.3g}, {MASK_RATIO:g}x beyond "
+                                             f"the other inputs ({others:.3g}): a mask's sentinel"))
 
 
 def _known_dtypes(model: Model, tensors) -> dict[str, str]:

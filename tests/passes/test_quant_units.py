@@ -386,6 +386,28 @@ def test_int8_activations_through_data_movement_ops_to_the_outputs_load_in_onnxr
     assert output_errors(ref, got)["cosine"] > 0.999
 
 
+@pytest.mark.parametrize("sentinel", [-3.4028234663852886e38, -1e9, -10000.0])
+def test_an_add_of_an_attention_mask_stays_float(sentinel):
+    """Scores plus a mask whose masked positions hold a huge negative sentinel: quantized, the sum's scale is
+    the sentinel's and the softmax reads garbage (T5's encoder adds its mask through the position bias)."""
+    w = (RNG.standard_normal((16, 16)) / 4).astype(np.float32)
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["scores"], name="proj"),
+                        helper.make_node("Where", ["keep", "zero", "neg"], ["bias"], name="mask"),
+                        helper.make_node("Add", ["scores", "bias"], ["masked"], name="add_mask"),
+                        helper.make_node("Softmax", ["masked"], ["y"], axis=-1, name="softmax")],
+                       [tensor("x", [4, 16]), helper.make_tensor_value_info("keep", onnx.TensorProto.BOOL, [4, 16])],
+                       [tensor("y", [4, 16])],
+                       {"w": w, "zero": np.array(0, np.float32), "neg": np.array(sentinel, np.float32)})
+    keep = np.ones((4, 16), bool)
+    keep[:, 12:] = False
+    calib = [{"x": RNG.standard_normal((4, 16)).astype(np.float32), "keep": keep} for _ in range(8)]
+    model, report = quantize(proto, calib, QuantConfig(latency_aware=False, fuse=False))
+    (kept,) = [f for f in report.kept_float if f.node == "add_mask"]
+    assert kept.reason == "ranges" and "sentinel" in kept.detail
+    assert output_errors(run_outputs(proto.SerializeToString(), calib),
+                         run_outputs(graphopt.to_bytes(model), calib))["cosine"] > 0.999
+
+
 def test_concat_inputs_share_one_scale():
     wa = (RNG.standard_normal((4, 3, 3, 3)) / 5).astype(np.float32)
     wb = (RNG.standard_normal((4, 3, 3, 3))).astype(np.float32)  # a wider range than the other branch
