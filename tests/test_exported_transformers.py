@@ -5,7 +5,8 @@ Rotary embeddings and grouped-query attention (Llama, Mistral, Qwen2, GPT-NeoX),
 bias and RMSNorm, DeBERTa's disentangled attention, BART's pre-scaled queries, ALBERT's shared
 layers, DistilBERT/RoBERTa/ELECTRA, CLIP's and Swin's vision attention, ConvNeXt and HF's ResNet: every
 fusion rule must either leave these graphs alone or rewrite them exactly (``verify_models`` on inputs
-with a padded sequence). Where the BERT-style attention is recognised it must become onnxruntime's
+with a padded sequence, and for the TorchScript exports, whose batch and sequence stay dynamic, at a second
+shape too). Where the BERT-style attention is recognised it must become onnxruntime's
 packed ``Attention``. Static and dynamic ``quantize`` must keep the output's cosine to fp32 above 0.999 on
 the calibration sample (T5's mask, added through its position bias, once took it to 0.94).
 """
@@ -113,6 +114,16 @@ def export(name: str, exporter: str, path) -> dict[str, np.ndarray]:
     return feeds
 
 
+def resized(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs at another batch size (3) and, for text, another length (24, the last sentence padded)."""
+    rng = np.random.default_rng(1)
+    if "pixels" in feeds:
+        return {"pixels": rng.standard_normal((3, 3, 32, 32)).astype(np.float32)}
+    mask = np.ones((3, 24), np.int64)
+    mask[2, 20:] = 0
+    return {"ids": rng.integers(0, 100, (3, 24)).astype(np.int64), "mask": mask}
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("name", NAMES)
 def test_optimize_keeps_an_exported_transformer(name, exporter, tmp_path):
@@ -120,8 +131,11 @@ def test_optimize_keeps_an_exported_transformer(name, exporter, tmp_path):
     feeds = export(name, exporter, path)
     for target_runtime in ("ort", "ort-cpu"):
         model = graphopt.optimize(str(path), target_runtime=target_runtime).model
-        report = verify_models(str(path), graphopt.to_bytes(model), inputs=feeds)
-        assert report.ok, (target_runtime, [(d.name, d.verdict, d.detail) for d in report.outputs], report.divergence)
+        # the TorchScript exports keep batch (and sequence) dynamic: check a second shape too
+        for inputs in [feeds] + ([resized(feeds)] if exporter == "torchscript" else []):
+            report = verify_models(str(path), graphopt.to_bytes(model), inputs=inputs)
+            assert report.ok, (target_runtime, {k: v.shape for k, v in inputs.items()},
+                               [(d.name, d.verdict, d.detail) for d in report.outputs], report.divergence)
         assert ("Attention" in {n.op_type for n in model.graph}) == (name in PACKED_ATTENTION), target_runtime
     for mode in ("static", "dynamic"):
         quantized, _ = quantize(str(path), [feeds], QuantConfig(mode=mode, latency_aware=False))
