@@ -42,6 +42,7 @@ from .ir import Graph, Model, TensorType, Value
 from .ir.types import Dim, ValueType
 from .onnx_io.exporter import Exporter
 from .onnx_io.importer import Importer
+from .onnx_io.walk import graphs_within
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +231,8 @@ def _rename_generated(types: dict[str, ValueType | None], seen: set[str], model:
 
 def _dim_names(graph: onnx.GraphProto) -> set[str]:
     """The symbolic dim names a graph's declared types (inputs, outputs, value_info, subgraphs') use."""
-    names: set[str] = set()
-    for info in (*graph.input, *graph.output, *graph.value_info):
-        if info.type.HasField("tensor_type"):
-            names.update(d.dim_param for d in info.type.tensor_type.shape.dim if d.dim_param)
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                names |= _dim_names(sub)
-    return names
+    return {d.dim_param for g in graphs_within(graph) for info in (*g.input, *g.output, *g.value_info)
+            if info.type.HasField("tensor_type") for d in info.type.tensor_type.shape.dim if d.dim_param}
 
 
 def _model_dim_names(model: Model) -> set[str]:
@@ -282,12 +276,7 @@ def _symbolic(proto: onnx.ModelProto, importer: Importer) -> dict[str, ValueType
 def _ml_outputs(graph: onnx.GraphProto) -> set[str]:
     """Outputs of ai.onnx.ml nodes: onnxruntime's symbolic inference gets some wrong (ArrayFeatureExtractor on
     1-D data returns [1, all indices], it says the indices' shape), and onnx's own inference covers them."""
-    found = {out for node in graph.node if node.domain == "ai.onnx.ml" for out in node.output}
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                found |= _ml_outputs(sub)
-    return found
+    return {out for g in graphs_within(graph) for node in g.node if node.domain == "ai.onnx.ml" for out in node.output}
 
 
 @functools.cache
@@ -322,12 +311,9 @@ def _over_inputs(dim: str, allowed: set[str]) -> bool:
 
 
 def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
-    yield from graph.value_info
-    yield from graph.output
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _value_infos(sub)
+    for g in graphs_within(graph):
+        yield from g.value_info
+        yield from g.output
 
 
 def static_shape(value: Value, bindings: Mapping[str, int] | None = None) -> tuple[int, ...] | None:

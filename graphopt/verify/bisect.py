@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
+from graphopt.onnx_io.walk import node_reads
 from graphopt.verify.compare import OutputDiff, compare_values
 from graphopt.verify.runtime import LoadedModel, ModelLike, load_model, open_session, run_session
 
@@ -57,7 +58,7 @@ def topological_order(graph: onnx.GraphProto) -> list[int]:
     users: dict[int, list[int]] = {}
     indegree = [0] * len(graph.node)
     for i, node in enumerate(graph.node):
-        for dep in {producer[name] for name in used_names(node) if name in producer} - {i}:
+        for dep in {producer[name] for name in node_reads(node) if name in producer} - {i}:
             users.setdefault(dep, []).append(i)
             indegree[i] += 1
     ready = [i for i, d in enumerate(indegree) if d == 0]
@@ -74,15 +75,6 @@ def topological_order(graph: onnx.GraphProto) -> list[int]:
         logger.warning("the original graph has a cycle; bisecting in file order")
         return list(range(len(graph.node)))
     return order
-
-
-def used_names(node: onnx.NodeProto) -> Iterator[str]:
-    """Every value name the node reads, those its subgraphs read from outside included."""
-    yield from node.input
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-            for inner in sub.node:
-                yield from used_names(inner)
 
 
 def common_values(original: onnx.GraphProto, candidate: onnx.GraphProto) -> list[tuple[str, int]]:

@@ -11,12 +11,16 @@ reads is declared as: graph inputs, initializers, Constant nodes, Cast targets a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper
 
-from .bisect import topological_order, used_names
+from graphopt.onnx_io.walk import graphs_within, node_reads, subgraphs
+
+from .bisect import topological_order
 from .compare import is_float_dtype
 
 
@@ -45,8 +49,8 @@ def computed_in(proto: onnx.ModelProto) -> dict[str, np.dtype]:
         loosest[tensor.name] = eps_of(tensor.data_type)
     for index in topological_order(graph):
         node = graph.node[index]
-        eps = max((loosest.get(name, 0.0) for name in used_names(node)), default=0.0)
-        eps = max(eps, *(_declared(attr, eps_of) for attr in node.attribute), 0.0)
+        eps = max((loosest.get(name, 0.0) for name in node_reads(node)), default=0.0)
+        eps = max(eps, _declared(node, eps_of))
         for out in node.output:
             loosest[out] = max(eps, loosest.get(out, 0.0))
     out = {}
@@ -58,16 +62,17 @@ def computed_in(proto: onnx.ModelProto) -> dict[str, np.dtype]:
     return out
 
 
-def _declared(attr: onnx.AttributeProto, eps_of) -> float:
-    """The largest float epsilon an attribute declares: a Cast target, a Constant's tensor, a subgraph's
-    initializers and casts."""
-    if attr.name in ("to", "dtype", "output_dtype") and attr.type == onnx.AttributeProto.INT:
-        return eps_of(attr.i)
-    if attr.type == onnx.AttributeProto.TENSOR:
-        return eps_of(attr.t.data_type)
-    found = 0.0
-    for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-        found = max(found, *(eps_of(t.data_type) for t in sub.initializer), 0.0)
-        for node in sub.node:
-            found = max(found, *(_declared(a, eps_of) for a in node.attribute), 0.0)
-    return found
+def _declared(node: onnx.NodeProto, eps_of) -> float:
+    """The largest float epsilon a node declares (a Cast target, a Constant's tensor), with what the graphs
+    its attributes hold declare (their initializers and nodes)."""
+    nested = [g for sub in subgraphs(node) for g in graphs_within(sub)]
+    return max((*_attribute_eps(node, eps_of), *(eps_of(t.data_type) for g in nested for t in g.initializer),
+                *(eps for g in nested for inner in g.node for eps in _attribute_eps(inner, eps_of))), default=0.0)
+
+
+def _attribute_eps(node: onnx.NodeProto, eps_of) -> Iterator[float]:
+    for attr in node.attribute:
+        if attr.name in ("to", "dtype", "output_dtype") and attr.type == onnx.AttributeProto.INT:
+            yield eps_of(attr.i)
+        elif attr.type == onnx.AttributeProto.TENSOR:
+            yield eps_of(attr.t.data_type)

@@ -193,13 +193,9 @@ def _requantize_after_propagating_ops(graph: Graph, build: _Builder) -> None:
                 continue
             q = build.node("QuantizeLinear", [out, dq.inputs[1], dq.inputs[2]], f"{out.name}_q")
             new = build.node("DequantizeLinear", [q, dq.inputs[1], dq.inputs[2]], f"{out.name}_dq")
-            for user, i in out.uses():
-                if user is not q.producer:
-                    user.set_input(i, new)
-            if out.is_graph_output():  # the interface keeps its name
-                for i, value in enumerate(graph.outputs):
-                    if value is out:
-                        graph.outputs[i] = new
+            out.replace_all_uses_with(new, include_graph_outputs=True)
+            q.producer.set_input(0, out)  # the QuantizeLinear itself still reads the op
+            if new.is_graph_output():  # the interface keeps its name
                 out.name, new.name, new.type = graph.fresh_name(f"{out.name}_before_q"), out.name, out.type
             work.append(new.producer)
 

@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 from graphopt.ir import AttrType, Graph, Model, Node, Tensor, Value
 from graphopt.ir.tensor import ArrayTensor
 from graphopt.onnx_io.exporter import Exporter
+from graphopt.onnx_io.walk import node_reads
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _to_proto(array: np.ndarray, name: str) -> onnx.TensorProto:
 
 def _mini_model(model: Model, protos: list[onnx.NodeProto], leaves: dict[str, onnx.TensorProto],
                 outputs: list[str]) -> onnx.ModelProto:
-    needed = {i for p in protos for i in _all_inputs(p)}
+    needed = {i for p in protos for i in node_reads(p)}
     graph = helper.make_graph(
         protos, "fold", [], [helper.make_value_info(name, onnx.TypeProto()) for name in outputs],
         [t for name, t in leaves.items() if name in needed],
@@ -170,15 +171,6 @@ def _mini_model(model: Model, protos: list[onnx.NodeProto], leaves: dict[str, on
     proto = helper.make_model(graph, opset_imports=opsets)
     proto.ir_version = max(model.ir_version, 7)
     return proto
-
-
-def _all_inputs(proto: onnx.NodeProto) -> Iterable[str]:
-    """Input names of a node and of the nodes in its subgraphs (outer-scope reads)."""
-    yield from proto.input
-    for attr in proto.attribute:
-        for sub in [attr.g] if attr.HasField("g") else attr.graphs:
-            for inner in sub.node:
-                yield from _all_inputs(inner)
 
 
 _SESSION_OPTIONS = None

@@ -39,6 +39,7 @@ def verify_artifact(
 ) -> VerifyReport:
     """Run ``original`` in onnxruntime and ``artifact`` (a compiled directory) on the same inputs; judge each output."""
     runner = load(artifact)
+    original = load_model(original)  # once: the input checks, the reference run and the precision walk read it
     if isinstance(inputs, str | os.PathLike):
         inputs = load_inputs(inputs)
     feeds = check_inputs(original, inputs) if inputs is not None else generate_inputs(original, shapes, seed)
@@ -54,6 +55,6 @@ def verify_artifact(
     except (ArtifactError, VerificationError) as exc:
         report.error = str(exc)
         return report
-    report.outputs = compare_outputs(ref, got, rtol, atol, computed_in=computed_in(load_model(original).proto))
+    report.outputs = compare_outputs(ref, got, rtol, atol, computed_in=computed_in(original.proto))
     report.ok = all(diff.ok for diff in report.outputs)
     return report
