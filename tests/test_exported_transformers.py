@@ -73,6 +73,9 @@ def build(name: str):
         "convnext": (t.ConvNextModel, t.ConvNextConfig, dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])),
         "resnet": (t.ResNetModel, t.ResNetConfig, dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
                                                        embedding_size=16)),
+        "vit_mae": (t.ViTMAEModel, t.ViTMAEConfig, dict(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+            patch_size=8)),
     }
     torch.manual_seed(0)
     if name == "bart_encoder":
@@ -141,3 +144,17 @@ def test_optimize_keeps_an_exported_transformer(name, exporter, tmp_path):
         quantized, _ = quantize(str(path), [feeds], QuantConfig(mode=mode, latency_aware=False))
         errors = output_errors(run_outputs(str(path), [feeds]), run_outputs(graphopt.to_bytes(quantized), [feeds]))
         assert errors["cosine"] > 0.999, (mode, errors)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_transformer_that_masks_at_random_verifies_and_quantizes(exporter, tmp_path):
+    """ViTMAE keeps a random quarter of its patches (RandomUniformLike noise, argsorted): the comparisons
+    must draw the original's numbers in the optimized and quantized models."""
+    path = tmp_path / "vit_mae.onnx"
+    feeds = export("vit_mae", exporter, path)
+    model = graphopt.optimize(str(path)).model
+    report = verify_models(str(path), graphopt.to_bytes(model), inputs=feeds)
+    assert report.ok, [(d.name, d.verdict, d.detail) for d in report.outputs]
+    for mode in ("static", "dynamic"):
+        _, quant_report = quantize(str(path), [feeds], QuantConfig(mode=mode, latency_aware=False))
+        assert quant_report.output_error["cosine"] > 0.999, (mode, quant_report.output_error)

@@ -26,3 +26,11 @@ def node_reads(node: onnx.NodeProto) -> Iterator[str]:
     for sub in subgraphs(node):
         for inner in sub.node:
             yield from node_reads(inner)
+
+
+def model_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    """Every node of the model: its graphs', nested ones included, and its local functions'."""
+    for graph in graphs_within(model.graph):
+        yield from graph.node
+    for function in model.functions:
+        yield from function.node

@@ -73,7 +73,7 @@ from graphopt.verify.errors import VerificationError
 from graphopt.verify.inputs import check_inputs, generate_inputs, input_specs, load_inputs
 from graphopt.verify.precision import computed_in
 from graphopt.verify.report import VerifyReport, describe_divergence, render_report
-from graphopt.verify.runtime import LoadedModel, ModelLike, load_model, run_model
+from graphopt.verify.runtime import LoadedModel, ModelLike, load_model, run_model, unseeded_random_nodes
 
 __all__ = [
     "BISECT_CHUNK",
@@ -157,6 +157,9 @@ def verify_models(
         input_dtypes={k: np.asarray(v).dtype.name for k, v in feeds.items()},
     )
     ref = dict(reference) if reference is not None else run_model(orig, feeds, label="original model")
+    if unseeded := sorted({n.op_type for n in unseeded_random_nodes(orig.proto)}):
+        report.notes.append(f"the original draws random numbers ({', '.join(unseeded)}): each such op was run "
+                            "with a seed derived from its name, as in a candidate that keeps it")
     try:
         cand_feeds = _candidate_inputs(cand, feeds, report.notes)
         got = run_model(cand, cand_feeds, label="candidate model")

@@ -9,7 +9,9 @@ intermediate value addressable by its name for bisection.
 
 Models given as a path are handed to onnxruntime as a path, so external data
 is resolved relative to the model's folder; the proto kept for inspection is
-loaded without its external data.
+loaded without its external data. A model with unseeded random ops is run with
+seeds derived from their names (see :mod:`graphopt.onnx_io.random_ops`), so
+two models holding the same random ops draw the same numbers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from graphopt.onnx_io.random_ops import draws_random, seed_value
+from graphopt.onnx_io.walk import model_nodes
 from graphopt.verify.errors import VerificationError
 
 logger = logging.getLogger(__name__)
@@ -105,20 +109,40 @@ def open_session(
     serialized and removed again afterwards, so a large in-memory model is never
     copied; they carry no type, which onnxruntime fills in by inference.
     """
+    unseeded = unseeded_random_nodes(model.proto)
     with contextlib.ExitStack() as stack:
-        if not extra_outputs and model.path is not None:
+        if not extra_outputs and not unseeded and model.path is not None:
             source: str | bytes = str(model.path)
             folder = None
-        elif not extra_outputs and model.raw is not None:
+        elif not extra_outputs and not unseeded and model.raw is not None:
             source, folder = model.raw, None
         else:
-            source = _serialize_with_outputs(model.proto, extra_outputs, stack)
+            with _seeded(unseeded):
+                source = _serialize_with_outputs(model.proto, extra_outputs, stack)
             folder = model.path.parent if model.path is not None else None
         try:
             sess = ort.InferenceSession(source, session_options(folder), providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise VerificationError(f"onnxruntime cannot load the {label}: {_first_line(exc)}") from exc
         yield sess
+
+
+def unseeded_random_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes of ``proto`` (subgraphs and functions included) that may draw random numbers with no seed."""
+    return [n for n in model_nodes(proto)
+            if draws_random(n.op_type, n.domain, n.input) and all(a.name != "seed" for a in n.attribute)]
+
+
+@contextlib.contextmanager
+def _seeded(nodes: Sequence[onnx.NodeProto]) -> Iterator[None]:
+    """Give each node a seed derived from its name (or first output's) while the block runs."""
+    for node in nodes:
+        node.attribute.append(onnx.helper.make_attribute("seed", seed_value(node.op_type, node.name or node.output[0])))
+    try:
+        yield
+    finally:
+        for node in nodes:
+            del node.attribute[-1]
 
 
 def _serialize_with_outputs(

@@ -17,8 +17,9 @@ import onnxruntime as ort
 
 import graphopt
 from graphopt.errors import GraphoptError
-from graphopt.ir import Model
+from graphopt.ir import Attr, Model
 from graphopt.onnx_io import ModelLike, to_bytes, to_proto
+from graphopt.onnx_io.random_ops import draws_random, seed_value
 from graphopt.passes.prune.calib import run_exposed
 from graphopt.pipeline import PassContext, get_pass
 from graphopt.timing import interleaved_ratios
@@ -73,6 +74,7 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     config.check()
     clock = _Clock()
     model = graphopt.load(to_bytes(model) if isinstance(model, Model) else model)
+    seeded = _seed_random_ops(model)  # every candidate draws the numbers the fp32 reference draws
     samples = load_calibration(calib, model, config.calib_samples)  # checked before any work
     latency_feed = _batched(model, samples[0], config.latency_batch)
     exported = {n.name for n in model.nodes()}
@@ -142,7 +144,26 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
     report.size_bytes = {"fp32": len(fp32), "quantized": len(quantized)}
     clock.lap("check")
     report.timings_s = clock.laps
-    return graphopt.load(quantized), report
+    return _unseed_random_ops(graphopt.load(quantized), seeded), report
+
+
+def _seed_random_ops(model: Model) -> set[str]:
+    """Give each random op that sets no seed one derived from its name (as verification does); the first
+    outputs of those nodes."""
+    seeded = set()
+    for node in model.nodes():
+        if draws_random(node.op_type, node.domain, node.inputs) and "seed" not in node.attrs:
+            node.attrs["seed"] = Attr.infer("seed", seed_value(node.op_type, node.name or node.outputs[0].name))
+            seeded.add(node.outputs[0].name)
+    return seeded
+
+
+def _unseed_random_ops(model: Model, seeded: set[str]) -> Model:
+    """The quantized model draws fresh numbers in every session again, as the original does."""
+    for node in model.nodes():
+        if draws_random(node.op_type, node.domain, node.inputs) and node.outputs[0].name in seeded:
+            del node.attrs["seed"]
+    return model
 
 
 def _batched(model: Model, sample: Mapping[str, np.ndarray], batch: int | None) -> Mapping[str, np.ndarray]:

@@ -34,16 +34,13 @@ import numpy as np
 
 from graphopt.ir import AttrType, Graph, Model, Node, SourceTensor, Tensor, Value
 from graphopt.ir.tensor import little_endian_bytes
+from graphopt.onnx_io.random_ops import MAY_DRAW_RANDOM
 from graphopt.pipeline import Pass, PassContext, PassResult, register_pass
 
 from .util import Scope, constant_tensor, erase_dead, replace_output
 
 log = logging.getLogger(__name__)
 
-NONDETERMINISTIC = frozenset({
-    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
-    "Dropout",  # random in training mode; inference-mode Dropout is remove-identity's job
-})
 COMMUTATIVE = frozenset({"Add", "Mul", "And", "Or", "Xor", "Equal", "BitwiseAnd", "BitwiseOr", "BitwiseXor"})
 """Binary ops whose operands can be swapped bit-exactly (broadcasting is symmetric too).
 Max/Min/Sum/Mean are left out: NaN handling or summation order may depend on operand order."""
@@ -175,7 +172,7 @@ def _freeze(value):
 
 def node_key(node: Node, scope: Scope) -> tuple | None:
     """What makes two nodes compute the same outputs (None: never merge this node)."""
-    if node.op_type in NONDETERMINISTIC or not scope.is_known_op(node) or not node.outputs:
+    if node.op_type in MAY_DRAW_RANDOM or not scope.is_known_op(node) or not node.outputs:
         return None
     attrs = _attr_key(node)
     if attrs is None:

@@ -28,9 +28,6 @@ from graphopt.onnx_io.walk import node_reads
 log = logging.getLogger(__name__)
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
-RANDOM_OPS = frozenset({
-    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial",
-})
 # Ops whose outputs are sequences or optionals: they cannot become initializers.
 NON_TENSOR_OPS = frozenset({
     "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SplitToSequence", "Optional",

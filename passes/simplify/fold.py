@@ -32,12 +32,12 @@ import onnx
 
 from graphopt.ir import ArrayTensor, Graph, Model, Node, Tensor, TensorType, Value
 from graphopt.ir.tensor import numpy_dtype
+from graphopt.onnx_io.random_ops import RANDOM_OPS
 from graphopt.pipeline import Pass, PassContext, PassResult, register_pass
 
 from .evaluate import (
     NON_TENSOR_OPS,
     QUANT_OPS,
-    RANDOM_OPS,
     ConstantScope,
     array_bytes,
     evaluate,
