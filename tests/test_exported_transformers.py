@@ -73,6 +73,9 @@ def build(name: str):
         "convnext": (t.ConvNextModel, t.ConvNextConfig, dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])),
         "resnet": (t.ResNetModel, t.ResNetConfig, dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
                                                        embedding_size=16)),
+        # random weights shrink its activations towards 1e-45 by the fifth block: too narrow for an int8 scale
+        "efficientnet": (t.EfficientNetModel, t.EfficientNetConfig, dict(
+            image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320)),
         "vit_mae": (t.ViTMAEModel, t.ViTMAEConfig, dict(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
             patch_size=8)),
@@ -97,7 +100,7 @@ def build(name: str):
 
 
 NAMES = ["llama", "mistral", "qwen2", "gpt_neox", "t5_encoder", "distilbert", "roberta", "albert", "electra",
-         "deberta_v2", "bart_encoder", "clip_vision", "swin", "convnext", "resnet"]
+         "deberta_v2", "bart_encoder", "clip_vision", "swin", "convnext", "resnet", "efficientnet"]
 #: architectures whose attention is the BERT form the fusion packs into onnxruntime's Attention
 PACKED_ATTENTION = {"distilbert", "roberta", "albert", "electra", "bart_encoder", "clip_vision", "swin"}
 

@@ -32,7 +32,7 @@ from .dynamic import insert_dynamic
 from .evaluate import Outputs, metric_value, output_errors, paired_latency, run_outputs, session
 from .observe import float_tensors, observe, progress_bar
 from .optable import STATIC_KINDS, WEIGHT_KINDS, fused_kinds, saturating_u8s8, speedup
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, observed_tensors
 from .prepare import spatial_means_to_pooling
 from .qdq import Inserted, insert_static, insert_weight_only
 from .qparams import qrange
@@ -59,6 +59,9 @@ CONCAT_MIN_SPAN = 1 / 16
 #: A node whose activation input reaches this magnitude, this many times beyond its other inputs, is adding a
 #: mask's sentinel (old BERT exports use -10000) and stays float.
 MASK_SENTINEL, MASK_RATIO = 1e4, 100.0
+#: A node one of whose activations spans less than this (zero aside) stays float: its int8 scale, and an int32
+#: bias's (that scale times a weight's), would not be normal float32 numbers.
+MIN_SPAN = 1e-17
 KEEP_SMOOTHING = 0.9  # kept where the output error drops by a tenth: an unfolded 1/s is one more op per activation
 
 Calibration = CalibSource | Iterable[Mapping[str, np.ndarray]]
@@ -254,6 +257,7 @@ def _plan_and_ranges(model: Model, samples, config: QuantConfig
                                              f"{missing[0]} is {dtypes.get(missing[0], 'not float')}"))
     _float_concats_of_unequal_ranges(plan, ranges)
     _float_sums_with_a_mask(plan, ranges)
+    _float_nodes_of_vanishing_ranges(plan, ranges, absorb=not config.symmetric)
     return plan, ranges, reference
 
 
@@ -292,6 +296,20 @@ def _float_sums_with_a_mask(plan: Plan, ranges: Mapping[str, tuple[float, float]
             plan.kept_float.append(FloatNode(name, cand.node.op_type, RANGES,
                                              f"input {widest} reaches {reach[widest]:.3g}, {MASK_RATIO:g}x beyond "
                                              f"the other inputs ({others:.3g}): a mask's sentinel"))
+
+
+def _float_nodes_of_vanishing_ranges(plan: Plan, ranges: Mapping[str, tuple[float, float]], absorb: bool) -> None:
+    """Activations that shrink towards zero (an EfficientNet with random weights reached 1e-45 by its fifth
+    block) would get a scale of 0: the nodes reading or writing them stay float. Every such node is found
+    from both sides, so no QuantizeLinear is left on the tensor."""
+    for name, cand in list(plan.candidates.items()):
+        spans = {t: max(ranges[t][1], 0.0) - min(ranges[t][0], 0.0)
+                 for t in observed_tensors(cand, absorb) if t in ranges}
+        if tiny := [t for t, span in spans.items() if 0 < span < MIN_SPAN]:
+            del plan.candidates[name]
+            plan.kept_float.append(FloatNode(name, cand.node.op_type, RANGES,
+                                             f"{tiny[0]} spans only {spans[tiny[0]]:.3g}: its int8 scale would "
+                                             "underflow float32"))
 
 
 def _known_dtypes(model: Model, tensors) -> dict[str, str]:

@@ -33,23 +33,25 @@ class Plan:
     kept_float: list[FloatNode] = field(default_factory=list)
 
     def tensors(self, absorb: bool) -> list[str]:
-        """Activation tensors whose ranges calibration must observe.
+        """Activation tensors whose ranges calibration must observe (see :func:`observed_tensors`)."""
+        names = (name for cand in self.candidates.values() for name in observed_tensors(cand, absorb))
+        return list(dict.fromkeys(names))
 
-        With ``absorb`` (asymmetric ranges), the output of a node read only by a Relu/Clip is not observed:
-        when the node is quantized the activation is absorbed and its output range is used instead.
-        """
-        names: dict[str, None] = {}
-        for cand in self.candidates.values():
-            for i in cand.activations:
-                names[cand.node.inputs[i].name] = None
-            out = cand.node.outputs[0]
-            users = out.users()
-            for user in users:  # absorbable activations and scale-sharing ops right after it (same graph)
-                if user.op_type in ABSORBABLE + SHARE_SCALE and user.graph is cand.node.graph:
-                    names[user.outputs[0].name] = None
-            if not (absorb and absorbable_activation(out) is not None):
-                names[out.name] = None
-        return list(names)
+
+def observed_tensors(cand: Candidate, absorb: bool) -> list[str]:
+    """The activation tensors whose ranges quantizing ``cand`` uses: its activation inputs, its output, and
+    the outputs of absorbable activations and scale-sharing ops right after it.
+
+    With ``absorb`` (asymmetric ranges), the output of a node read only by a Relu/Clip is not observed: when
+    the node is quantized the activation is absorbed and its output range is used instead.
+    """
+    names = [cand.node.inputs[i].name for i in cand.activations]
+    out = cand.node.outputs[0]
+    names += [user.outputs[0].name for user in out.users()  # same graph: a body's reader is not rewritten here
+              if user.op_type in ABSORBABLE + SHARE_SCALE and user.graph is cand.node.graph]
+    if not (absorb and absorbable_activation(out) is not None):
+        names.append(out.name)
+    return names
 
 
 def absorbable_activation(out: Value) -> Node | None:

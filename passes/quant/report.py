@@ -12,7 +12,7 @@ from rich.text import Text
 
 # Why a node stayed in float (FloatNode.reason).
 SENSITIVITY, LATENCY, UNSUPPORTED, EXCLUDED = "sensitivity", "latency", "unsupported", "excluded"
-RANGES = "ranges"  # a Concat whose inputs' ranges are too far apart to share one int8 scale
+RANGES = "ranges"  # a Concat of far-apart ranges, a sum with a mask, an activation too narrow for a scale
 
 
 @dataclass

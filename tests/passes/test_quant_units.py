@@ -476,3 +476,26 @@ def test_dynamic_siblings_become_one_wider_matmul_with_the_same_outputs(monkeypa
     for a, b in zip(run_outputs(graphopt.to_bytes(merged), feeds), run_outputs(graphopt.to_bytes(separate), feeds),
                     strict=True):
         assert a.keys() == {"q", "k", "v"} and all(np.array_equal(a[name], b[name]) for name in a)
+
+
+def test_activations_too_narrow_for_a_float32_scale_stay_float():
+    """A squeeze-and-excite whose input has shrunk to ~1e-43 (a random-weight EfficientNet's fifth block): its
+    int8 scale would be 0, and onnxruntime refused the QLinearGlobalAveragePool ("out of computation range").
+    The layers reading or writing that tensor stay float; the rest of the model is quantized."""
+    w1 = (RNG.standard_normal((8, 3, 3, 3)) / 5).astype(np.float32)
+    w2 = (RNG.standard_normal((8, 8, 1, 1)) / 3).astype(np.float32)
+    proto = make_model([helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+                        helper.make_node("Mul", ["c", "shrink"], ["tiny"], name="shrink"),
+                        helper.make_node("GlobalAveragePool", ["tiny"], ["pooled"], name="squeeze"),
+                        helper.make_node("Conv", ["pooled", "w2"], ["y"], name="excite")],
+                       [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 8, 1, 1])],
+                       {"w1": w1, "w2": w2, "shrink": np.array(1e-43, np.float32)})
+    calib = samples((1, 3, 8, 8))
+    model, report = quantize(proto, calib, QuantConfig(latency_aware=False, fuse=False,
+                                                       op_types=["Conv", "GlobalAveragePool"]))
+    kept = {f.node: f for f in report.kept_float if f.reason == "ranges"}
+    assert set(kept) == {"squeeze", "excite"} and "underflow float32" in kept["squeeze"].detail
+    assert report.quantized_nodes == 1  # the first conv, whose output is wide enough
+    assert all(float(n.inputs[1].const.numpy()) > 0 for n in nodes(model, "QuantizeLinear"))
+    ref, got = run_outputs(proto.SerializeToString(), calib), run_outputs(graphopt.to_bytes(model), calib)
+    assert output_errors(ref, got)["cosine"] > 0.99  # subnormal float32 itself keeps only a few bits of c's error
