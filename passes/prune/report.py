@@ -8,7 +8,7 @@ from rich.console import Group
 from rich.table import Table
 
 from .reconstruct import RefitResult
-from .renorm import RenormResult
+from .renorm import MIN_VALUES, RenormResult
 
 
 @dataclass
@@ -100,11 +100,15 @@ def render(report: PruneReport) -> Group:
         improved = sum(r.error_after < r.error_before for r in report.refits)
         totals.add_row("reconstruction", f"{improved}/{len(report.refits)} layers refit on "
                                          f"{report.calibration_samples} calibration samples")
-    if report.renorms:
-        bn = sum(r.kind == "batchnorm" for r in report.renorms)
-        worst = max(report.renorms, key=lambda r: r.mean_shift)
-        totals.add_row("BN statistics", f"re-estimated for {bn} BatchNorm and {len(report.renorms) - bn} folded "
+    if applied := [r for r in report.renorms if r.applied]:
+        bn = sum(r.kind == "batchnorm" for r in applied)
+        worst = max(applied, key=lambda r: r.mean_shift)
+        totals.add_row("BN statistics", f"re-estimated for {bn} BatchNorm and {len(applied) - bn} folded "
                                         f"layers; largest mean shift {worst.mean_shift:.2f} std ({worst.node})")
+    if left := [r for r in report.renorms if not r.applied]:
+        totals.add_row("BN statistics", f"left as they were at {len(left)} layers ({left[0].node}, ...): "
+                                        f"{min(r.values for r in left)} values per channel in the calibration "
+                                        f"data, fewer than {MIN_VALUES}; give more samples")
     for name, sqnr in report.output_sqnr_db.items():
         totals.add_row(f"SQNR {name}", f"{sqnr:.1f} dB vs the unpruned model on the calibration data")
     for note in report.notes:

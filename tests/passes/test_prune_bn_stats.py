@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from rich.console import Console
 
 import graphopt
 import graphopt.cli
 from graphopt.ir import verify
 from graphopt.passes.prune import PruneConfig, prune
 from graphopt.passes.prune.calib import run_exposed
-from graphopt.passes.prune.renorm import Moments, RenormTarget, correct
+from graphopt.passes.prune.renorm import Moments, RenormResult, RenormTarget, correct
+from graphopt.passes.prune.report import PruneReport, render
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +119,30 @@ def test_batchnorm_correction_matches_moments(quieter):
     np.testing.assert_allclose(got.std((0, 2, 3)), want.std((0, 2, 3)), rtol=1e-4)
     var = onnx.numpy_helper.to_array(next(i for i in graphopt.to_proto(model).graph.initializer if i.name == "var"))
     assert (var > 0).all()
+
+
+def test_too_few_values_per_channel_leave_the_statistics_alone():
+    """Two 1x1 samples give each channel two values: re-centred on them, the BN would fit those samples, not
+    the data. The BN stays as it was and the report says why; at 64 samples it is corrected."""
+    proto = onnx.parser.parse_model(BN_MODEL)
+    params = {"gamma": [1.5, -0.5, 2.0], "beta": [0.1, 0.2, -0.3], "mean": [0.5, -1.0, 0.0], "var": [2.0, 0.5, 1.0]}
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(np.array(v, np.float32), k) for k, v in params.items())
+    rng = np.random.default_rng(0)
+    for samples, applied in ((2, False), (64, True)):
+        model = graphopt.load(proto.SerializeToString())
+        bn = next(iter(model.graph))
+        pruned, orig = Moments(), Moments()
+        pruned.add(rng.normal(1.0, 2.0, (samples, 3, 1, 1)))
+        orig.add(rng.normal(0.0, 1.0, (samples, 3, 1, 1)))
+        result = correct(RenormTarget(bn, bn.inputs[0], False), pruned, orig)
+        assert (result.applied, result.values) == (applied, samples)
+        unchanged = graphopt.to_proto(model).graph.initializer == proto.graph.initializer
+        assert unchanged != applied
+    console = Console(width=300, record=True, file=io.StringIO())
+    console.print(render(PruneReport(1.0, 1.0, 1.0, 1.0, 0.0, "t", "l1", renorms=[
+        RenormResult("bn", "batchnorm", 0.5, 1.0, values=2, applied=False)])))
+    line = " ".join(console.export_text().split())
+    assert "left as they were at 1 layers (bn, ...): 2 values per channel" in line
 
 
 def test_cli_bn_stats_without_refit(zoo, tmp_path, capsys, digits):
