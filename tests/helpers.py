@@ -50,7 +50,9 @@ def _strip(data):
 def export_torch(module, args: tuple, path, exporter: str, input_names: list[str],
                  dynamic_axes: dict | None = None) -> None:
     """Export ``module`` at opset 18 with the dynamo or the TorchScript exporter, quietly (both print a lot):
-    dynamo with its optimizer and weights inline, TorchScript with ``dynamic_axes``."""
+    dynamo with its optimizer and weights inline, TorchScript with ``dynamic_axes``: "torchscript" keeps
+    BatchNormalization nodes (PRESERVE, as the zoo does), "torchscript-eval" is that exporter's default (BN
+    folded into the convs, equal initializers shared through Identity nodes)."""
     import contextlib
     import io
     import warnings
@@ -67,5 +69,6 @@ def export_torch(module, args: tuple, path, exporter: str, input_names: list[str
             torch.onnx.export(module, args, str(path), dynamo=True, opset_version=18, input_names=input_names,
                               external_data=False, optimize=True)
         else:
+            mode = torch.onnx.TrainingMode.PRESERVE if exporter == "torchscript" else torch.onnx.TrainingMode.EVAL
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=18, input_names=input_names,
-                              dynamic_axes=dynamic_axes, training=torch.onnx.TrainingMode.PRESERVE)
+                              dynamic_axes=dynamic_axes, training=mode)

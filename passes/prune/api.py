@@ -34,7 +34,7 @@ from .groups import Analysis, analyze, default_protected
 from .importance import CRITERIA, importance
 from .plan import FILTER_SET, choose, cpu_block, drop_branches_to_fit, fill_budget, plan_flops, plan_ratio
 from .probe import ShapeTable, probe_inputs, probe_shapes
-from .reconstruct import reconstruct
+from .reconstruct import own_input, reconstruct
 from .renorm import BN_STATS
 from .report import GroupReport, PruneReport
 from .rules import X_IN, Y_OUT
@@ -93,7 +93,9 @@ class PruneConfig:
 def prune(model: Model, config: PruneConfig) -> PruneReport:
     """Prune ``model`` (from ``graphopt.load``) in place and report what changed."""
     config.check()
-    get_pass("lift-constants").run(model, PassContext())
+    for name in ("lift-constants", "remove-identity"):  # TorchScript reaches shared weights through Identity
+        get_pass(name).run(model, PassContext())
+    _untie_shared_vectors(model)
     original = graphopt.to_proto(model)
     shapes = probe_shapes(model, original, config.dims)
     samples = load_calibration(config.calib, original, config.calib_samples) if config.calib is not None else []
@@ -158,6 +160,19 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
         report.output_sqnr_db = output_sqnr(original, graphopt.to_proto(model), feeds)
     log.info("pruned: MACs %.0f -> %.0f, params %.0f -> %.0f", macs0, macs1, params0, params1)
     return report
+
+
+def _untie_shared_vectors(model: Model) -> None:
+    """Exporters share equal float vectors between layers (TorchScript: all zero conv biases are one
+    initializer); shared, their channels would tie those layers into one group, which the protected first
+    conv then blocks whole. Inference ties nothing: each reader gets its own copy. Matrices stay shared
+    (tied weights, ALBERT's layers: copies would cost their size)."""
+    for node in list(model.graph):
+        for index, value in enumerate(node.inputs):
+            const = value.const if value is not None else None
+            if const is not None and len(const.shape) == 1 and const.shape[0] > 1 and const.dtype.kind == "f" \
+                    and len(value.uses()) > 1:
+                own_input(model.graph, node, index)
 
 
 def _stats(analysis: Analysis, groups, proto: onnx.ModelProto, feeds, covariance: bool = False) -> dict:

@@ -62,6 +62,9 @@ def targets(model: Model, shapes: ShapeTable, kept: Mapping[DimKey, np.ndarray])
 def _as_target(node: Node, shapes: ShapeTable, kept: Mapping[DimKey, np.ndarray]) -> _Target | None:
     if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const is None:
         return None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and bias.const is None:  # computed: neither rewritable nor known to fit around
+        return None
     x = node.inputs[0]
     w = node.inputs[1].const
     if node.op_type == "Conv" and int(node.attr("group", 1)) == 1 and len(w.shape) == 4:
@@ -170,7 +173,7 @@ def _ridge_path(x, y, w0, intercept, xv, yv) -> float:
 
 
 # -- per op: current (W, b) as a (cols, outs) matrix and writing it back --------------------------
-def _own(graph, node: Node, index: int) -> Value:
+def own_input(graph, node: Node, index: int) -> Value:
     """The node's input ``index`` as an initializer no other node reads (copied if shared)."""
     value = node.inputs[index]
     if len(value.uses()) > 1:
@@ -218,18 +221,18 @@ def write(node: Node, w: np.ndarray, b: np.ndarray | None) -> None:
     dtype = node.inputs[1].const.dtype
     if node.op_type == "Conv":
         shape = node.inputs[1].const.shape
-        set_const(_own(graph, node, 1), w.T.reshape((w.shape[1], *shape[1:])).astype(dtype))
+        set_const(own_input(graph, node, 1), w.T.reshape((w.shape[1], *shape[1:])).astype(dtype))
         if b is None:
             return
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            set_const(_own(graph, node, 2), b.astype(dtype))
+            set_const(own_input(graph, node, 2), b.astype(dtype))
         else:
             bias = graph.add_initializer(ArrayTensor(b.astype(dtype), graph.fresh_name(f"{node.inputs[1].name}.bias")))
             node.set_inputs([node.inputs[0], node.inputs[1], bias])
     elif node.op_type == "Gemm":
         alpha, beta = float(node.attr("alpha", 1.0)), float(node.attr("beta", 1.0))
         wm = w / alpha
-        set_const(_own(graph, node, 1), (wm.T if int(node.attr("transB", 0)) else wm).astype(dtype))
+        set_const(own_input(graph, node, 1), (wm.T if int(node.attr("transB", 0)) else wm).astype(dtype))
         c = node.inputs[2] if len(node.inputs) > 2 else None
         if b is None:
             return
@@ -238,14 +241,14 @@ def write(node: Node, w: np.ndarray, b: np.ndarray | None) -> None:
             node.set_inputs([node.inputs[0], node.inputs[1], bias])
             node.set_attr("beta", 1.0)
         else:
-            set_const(_own(graph, node, 2), (b / beta).reshape(c.const.shape).astype(dtype))
+            set_const(own_input(graph, node, 2), (b / beta).reshape(c.const.shape).astype(dtype))
     else:
-        set_const(_own(graph, node, 1), w.astype(dtype))
+        set_const(own_input(graph, node, 1), w.astype(dtype))
         found = _bias_add(node)
         if found is not None and b is not None:
             add, slot = found
             old = add.inputs[slot].const.numpy()
-            set_const(_own(graph, add, slot), (old + b.reshape(old.shape)).astype(old.dtype))
+            set_const(own_input(graph, add, slot), (old + b.reshape(old.shape)).astype(old.dtype))
 
 
 def schedule(model: Model, refits: Sequence[_Target], renorms: Sequence[RenormTarget], sequential: bool) -> None:

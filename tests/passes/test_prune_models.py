@@ -159,3 +159,36 @@ def test_cli_user_errors_exit_2(zoo, tmp_path, capsys, cli):
     assert cli(["prune", src, "-o", src, "--ratio", "0.5"]) == 2
     assert cli(["prune", src, "-o", str(out), "--ratio", "0.5", "--allocate", "latency"]) == 2
     assert "needs a FLOPs target" in capsys.readouterr().err and not out.exists()
+
+
+def test_layers_whose_weights_come_through_identity_or_a_computed_bias(tmp_path):
+    """TorchScript exports reach an initializer that several layers share through Identity nodes (all the zero
+    conv biases of a random-weight HF RegNet): the refit read such a bias as a constant and crashed. A bias
+    computed by another op (here a Cast) is neither known to fit around nor rewritable: no refit."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) / 3).astype(np.float32), n)
+             for n, s in [("w1", (16, 3, 3, 3)), ("w2", (16, 16, 3, 3)), ("w3", (16, 16, 3, 3)), ("w4", (4, 16, 1, 1))]]
+    inits += [numpy_helper.from_array(np.zeros(16, np.float32), "zeros"),
+              numpy_helper.from_array(np.full(4, 0.5, np.float16), "b4_half")]
+    nodes = [helper.make_node("Identity", ["zeros"], [f"b{i}"]) for i in (1, 2, 3)]
+    nodes += [helper.make_node("Cast", ["b4_half"], ["b4"], to=TensorProto.FLOAT)]
+    x = "x"
+    for i in (1, 2, 3):
+        nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    nodes.append(helper.make_node("Conv", [x, "w4", "b4"], ["y"], name="conv4"))
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    model = graphopt.load(proto)
+    report = prune(model, PruneConfig(flops=0.7, calib=calib, criterion="activation"))
+    verify(model.graph)
+    assert report.macs_kept <= 0.7
+    refit = {r.node for r in report.refits}
+    assert "conv3" in refit and "conv4" not in refit, refit
+    got = session(graphopt.to_bytes(model)).run(None, calib[0])[0]
+    assert got.shape == (1, 4, 8, 8)
