@@ -93,8 +93,9 @@ class PruneConfig:
 def prune(model: Model, config: PruneConfig) -> PruneReport:
     """Prune ``model`` (from ``graphopt.load``) in place and report what changed."""
     config.check()
-    for name in ("lift-constants", "remove-identity"):  # TorchScript reaches shared weights through Identity
-        get_pass(name).run(model, PassContext())
+    # Lossless simplification first: TorchScript reaches shared weights through Identity nodes and reads
+    # channel counts with Shape (GPT-2's x.view(-1, x.size(-1))), which folded become constants to rewrite.
+    graphopt.optimize(model, level="simplify")
     _untie_shared_vectors(model)
     original = graphopt.to_proto(model)
     shapes = probe_shapes(model, original, config.dims)

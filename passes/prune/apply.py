@@ -18,7 +18,7 @@ import numpy as np
 from graphopt.ir import ArrayTensor, Graph, Node, TensorType, Value
 
 from .groups import Analysis, DimKey
-from .layout import slice_params
+from .layout import slice_params, target_piece
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,10 @@ def _fix_reshape(analysis: Analysis, node: Node, kept) -> None:
                 target[axis] = size
         _private_const(node.graph, node, 1, target)
         return
-    concat = shape_value.producer  # Concat of one-element pieces (checked by the rule)
+    concat = shape_value.producer  # a Concat whose piece holding each changed entry is constant (the rule)
     for axis, size in changes.items():
-        piece = concat.inputs[axis]
-        if int(piece.const.numpy().reshape(-1)[0]) > 0:
-            entry = np.array([size], dtype=piece.const.dtype).reshape(piece.const.shape)
-            _private_const(concat.graph, concat, axis, entry)
+        index, offset = target_piece(concat, axis, analysis.shapes.static)
+        entries = concat.inputs[index].const.numpy().copy()
+        if int(entries.reshape(-1)[offset]) > 0:
+            entries.reshape(-1)[offset] = size
+            _private_const(concat.graph, concat, index, entries)

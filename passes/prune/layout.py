@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt.ir import Node
+
 from .rules import AxisClass, Member, NodeView, blocked_classes, identity_classes, rule
 
 
@@ -134,6 +136,23 @@ def segments(ins, outs) -> list[tuple[list[int], list[int]]] | None:
     return segs if i == len(ni) and j == len(no) else None
 
 
+def target_piece(producer: Node | None, out_axis: int, static) -> tuple[int, int] | None:
+    """Which input of a Concat-built Reshape target holds entry ``out_axis``, and the entry's offset in it
+    (``static``: a value's static shape); None when the target is not such a Concat or a piece's length is
+    unknown. Exported code writes ``x.view(x.shape[:-1] + (n,))``: a runtime slice of Shape, then constants."""
+    if producer is None or producer.op_type != "Concat":
+        return None
+    start = 0
+    for index, piece in enumerate(producer.inputs):
+        shape = static(piece)
+        if shape is None or len(shape) != 1 or shape[0] is None:
+            return None
+        if out_axis < start + shape[0]:
+            return index, out_axis - start
+        start += shape[0]
+    return None
+
+
 def _shape_entry_problem(view: NodeView, out_axis: int, same_axis_identity: bool) -> str | None:
     """Why the Reshape's target entry for ``out_axis`` could not be rewritten after pruning (None: it can)."""
     if view.node.op_type != "Reshape":
@@ -144,15 +163,13 @@ def _shape_entry_problem(view: NodeView, out_axis: int, same_axis_identity: bool
         entry = int(const.reshape(-1)[out_axis])
     else:
         producer = shape_value.producer if shape_value is not None else None
-        if producer is None or producer.op_type != "Concat" or out_axis >= len(producer.inputs):
+        found = target_piece(producer, out_axis, view.shapes.static)
+        if found is None:
             return "Reshape target shape computed at runtime"
-        sizes = [view.shapes.static(v) for v in producer.inputs]
-        if any(s != (1,) for s in sizes):
-            return "Reshape target shape computed at runtime"
-        piece = producer.inputs[out_axis]
+        piece, offset = producer.inputs[found[0]], found[1]
         if piece.const is None:
             return "Reshape target entry for the channel axis is computed at runtime"
-        entry = int(piece.const.numpy().reshape(-1)[0])
+        entry = int(piece.const.numpy().reshape(-1)[offset])
     if entry == 0 and int(view.attr("allowzero", 0)):
         return "Reshape with allowzero: a 0 entry is a literal empty dim"
     if entry == 0 and not same_axis_identity:
