@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from graphopt.ir import Model, Node, Value
 
 from .optable import WEIGHT_KINDS, op_kind
@@ -108,6 +110,8 @@ def _candidate(node: Node, kind: str, weights_only: bool) -> tuple[Candidate | N
             return None, "weight is not a constant"
         if is_const(inputs[0]):
             return None, "constant input"
+        if (dtype := np.dtype(inputs[1].const.dtype)) != np.float32:
+            return None, f"{dtype} weight: onnxruntime's int8 kernels and DequantizeLinear here produce float32"
         axis = _weight_axis(node)
         if axis is None:
             return None, "unsupported weight layout"
