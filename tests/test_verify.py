@@ -265,6 +265,8 @@ def test_dynamic_dims_bound_consistently() -> None:
     assert generate_inputs(model, dims={"seq": 3})["h"].shape == (1, 3, 4)
     report = verify_models(model, model, shapes={"h": [2, 7, 4]})
     assert report.ok and report.input_shapes["input_ids"] == [2, 7]
+    # --shape seq=6: a symbolic dim named like an input (as `graphopt compile --shape` always took it)
+    assert generate_inputs(model, {"seq": [6], "input_ids": [3, 6]})["h"].shape == (3, 6, 4)
 
 
 def test_conflicting_or_impossible_shapes_raise() -> None:
@@ -273,8 +275,13 @@ def test_conflicting_or_impossible_shapes_raise() -> None:
         generate_inputs(model, {"input_ids": [2, 5], "h": [2, 6, 4]})
     with pytest.raises(VerificationError, match="'h'.*static"):
         generate_inputs(model, {"h": [2, 6, 5]})
-    with pytest.raises(VerificationError, match="'nope'"):
+    with pytest.raises(VerificationError, match="'nope', which is neither an input nor a symbolic dim") as err:
         generate_inputs(model, {"nope": [1]})
+    assert "symbolic dims: batch, seq" in err.value.hint
+    with pytest.raises(VerificationError, match="'seq'"):
+        generate_inputs(model, {"seq": [6], "input_ids": [2, 5]})
+    with pytest.raises(VerificationError, match="'seq'"):
+        generate_inputs(model, {"seq": [6, 2]})
 
 
 def test_unknown_rank_input_needs_a_shape() -> None:

@@ -97,13 +97,22 @@ def resolve_shapes(
     shapes: Mapping[str, Sequence[int]] | None = None,
     dims: Mapping[str, int] | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes for every input, binding each dim_param to one value across inputs."""
+    """Concrete shapes for every input, binding each dim_param to one value across inputs. ``shapes`` may
+    also name a dim_param with one size (``{"batch": [8]}``, as ``--shape batch=8`` gives it)."""
     by_name = {s.name: s for s in specs}
-    shapes = dict(shapes or {})
+    symbolic = {d for s in specs for d in (s.dims or ()) if isinstance(d, str)}
     bindings: dict[str, int] = dict(dims or {})
+    for name, shape in dict(shapes or {}).items():
+        if name in by_name:
+            continue
+        if name not in symbolic or len(shape) != 1:
+            dim_names = ", ".join(sorted(symbolic)) or "-"
+            raise VerificationError(f"a shape is given for {name!r}, which is neither an input nor a symbolic dim",
+                                    hint=f"inputs: {_names(specs)}; symbolic dims: {dim_names}")
+        if bindings.setdefault(name, int(shape[0])) != int(shape[0]):
+            raise VerificationError(f"symbolic dim {name!r} is given as {shape[0]} and as {bindings[name]}")
+    shapes = {name: shape for name, shape in (shapes or {}).items() if name in by_name}
     for name, shape in shapes.items():
-        if name not in by_name:
-            raise VerificationError(f"a shape is given for {name!r}, which is not an input: {_names(specs)}")
         _bind_user_shape(by_name[name], [int(d) for d in shape], bindings)
     resolved = {}
     for spec in specs:

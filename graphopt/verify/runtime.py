@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 ModelLike = str | os.PathLike | bytes | onnx.ModelProto
 
+RUN_HINT = "give input sizes the model accepts (--shape NAME=DIMS or --shape DIM=N) or real inputs (--inputs FILE.npz)"
 _PROTOBUF_LIMIT = 2**31 - 1
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 # Element types numpy cannot hold natively: onnxruntime's ``run`` cannot return them,
@@ -177,11 +178,11 @@ def to_feed(value: np.ndarray) -> Any:
 
 def run_session(
     sess: ort.InferenceSession, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None,
-    *, label: str = "model",
+    *, label: str = "model", hint: str = RUN_HINT,
 ) -> dict[str, Any]:
     """Run a session and return ``{output name: value}`` as numpy arrays (lists for sequences).
 
-    A run failure raises :class:`VerificationError` naming ``label`` and the input shapes.
+    A run failure raises :class:`VerificationError` naming ``label`` and the input shapes, with ``hint``.
     """
     types = {o.name: o.type for o in sess.get_outputs()}
     names = list(output_names) if output_names is not None else list(types)
@@ -201,7 +202,7 @@ def run_session(
     except Exception as exc:
         shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in inputs.items())
         raise VerificationError(f"onnxruntime failed to run the {label} on inputs {shapes}: {_first_line(exc)}",
-                                hint="pass explicit input shapes or an inputs file") from exc
+                                hint=hint) from exc
     return {name: _ortvalue_to_numpy(value, types[name]) for name, value in zip(names, values, strict=True)}
 
 

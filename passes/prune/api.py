@@ -65,6 +65,8 @@ class PruneConfig:
     max_rows: int = 4096  # least-squares rows sampled per layer
     max_ratio: float = 0.9  # the highest per-group ratio a FLOPs target may use
     dims: Mapping[str, int] | None = None  # symbolic dim sizes for shape probing and MAC counts
+    # input shapes (or a symbolic dim as {"seq": [400]}) for the same; default: the first calibration sample's
+    shapes: Mapping[str, Sequence[int]] | None = None
     verify: bool = True
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -98,8 +100,11 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
     graphopt.optimize(model, level="simplify")
     _untie_shared_vectors(model)
     original = graphopt.to_proto(model)
-    shapes = probe_shapes(model, original, config.dims)
     samples = load_calibration(config.calib, original, config.calib_samples) if config.calib is not None else []
+    sizes = config.shapes
+    if sizes is None and config.dims is None and samples:  # shapes the model is known to run at
+        sizes = {name: np.shape(value) for name, value in samples[0].items()}
+    shapes = probe_shapes(model, original, config.dims, sizes)
     feeds = batches(samples, original, config.calib_batch)
     protect = list(config.protect) + (default_protected(model) if config.default_protect else [])
     analysis = analyze(model, shapes, protect)
@@ -109,7 +114,7 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
     if latency:
         round_to, set_size = round_to if round_to > 1 else cpu_block(), FILTER_SET
     if config.allocate == "latency":
-        measure = onnxruntime_measure(original, shapes, protect, probe_inputs(original, config.dims)[0])
+        measure = onnxruntime_measure(original, shapes, protect, probe_inputs(original, config.dims, sizes)[0])
         plan = allocate_latency(analysis, prunable, config.flops, round_to, set_size, measure)
         target = f"keep {100 * config.flops:g}% of MACs, counts by measured onnxruntime time"
     elif config.ratio is not None:
@@ -156,7 +161,7 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
     if config.flops is not None and macs1 > config.flops * macs0 * 1.001:
         report.notes.append(f"FLOPs target not reached: blocked groups keep {100 * macs1 / macs0:.1f}% of the MACs")
     if config.verify:
-        check_interface(original, model, shapes)
+        check_interface(original, model, shapes, probe_inputs(original, config.dims, sizes)[0])
     if feeds:
         report.output_sqnr_db = output_sqnr(original, graphopt.to_proto(model), feeds)
     log.info("pruned: MACs %.0f -> %.0f, params %.0f -> %.0f", macs0, macs1, params0, params1)
@@ -206,14 +211,15 @@ def _rows(analysis: Analysis, removal: Mapping[int, np.ndarray], removed: Mappin
     return rows
 
 
-def check_interface(original: onnx.ModelProto, model: Model, shapes: ShapeTable) -> None:
-    """The pruned model runs in onnxruntime and keeps the original's input/output names and shapes."""
+def check_interface(original: onnx.ModelProto, model: Model, shapes: ShapeTable, feeds: Mapping[str, np.ndarray]
+                    ) -> None:
+    """The pruned model runs in onnxruntime on ``feeds`` (the shape probe's first) and keeps the original's
+    input/output names and shapes."""
     pruned = graphopt.to_proto(model)
     names = ([i.name for i in original.graph.input], [o.name for o in original.graph.output])
     got = ([i.name for i in pruned.graph.input], [o.name for o in pruned.graph.output])
     if names != got:
         raise GraphoptError(f"pruning changed the model's interface: {names} -> {got}")
-    feeds, _ = probe_inputs(original)
     try:
         with open_session(LoadedModel(pruned), label="pruned model") as sess:
             values = run_session(sess, feeds)

@@ -20,6 +20,7 @@ from .renorm import BN_STATS
 
 def cmd_prune(args: argparse.Namespace) -> int:
     import graphopt
+    from graphopt.cli import parse_shapes
 
     from .api import PruneConfig, prune
     from .report import render
@@ -32,7 +33,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = PruneConfig(ratio=args.ratio, flops=args.flops, criterion=args.criterion, round_to=args.round,
                          latency=args.latency, allocate=args.allocate,
                          protect=protect, calib=args.calib, calib_samples=args.calib_samples,
-                         reconstruct=False if args.no_reconstruct else None, bn_stats=args.bn_stats, seed=args.seed)
+                         reconstruct=False if args.no_reconstruct else None, bn_stats=args.bn_stats, seed=args.seed,
+                         shapes=parse_shapes(args.shape) or None)
     console = Console(stderr=True, highlight=False)
     status = console.status("pruning") if console.is_terminal else None
     model = graphopt.load(args.model)
@@ -82,6 +84,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="with --calib, re-estimate BatchNorm statistics (or the per-channel scale/shift of a BN "
                         "folded into its conv) so channel means and stds match the unpruned model's (default "
                         "variance; mean: shift only)")
+    p.add_argument("--shape", action="append", metavar="NAME=DIMS",
+                   help="input sizes for the shape probe and MAC counts: an input's shape (input=1x3x224x224) or a "
+                        "symbolic dim's size (seq=128); repeatable (default: the first calibration sample's shapes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_prune)

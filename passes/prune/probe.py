@@ -12,7 +12,7 @@ as a product of dims.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +25,8 @@ from graphopt.verify.runtime import LoadedModel, open_session, run_session
 log = logging.getLogger(__name__)
 
 Pair = tuple[int, int]  # the size of one dim in probe A and in probe B
+PROBE_HINT = ("give input sizes the model accepts (--shape NAME=DIMS or --shape DIM=N; PruneConfig(shapes=...)), "
+              "or calibration data, whose first sample's shapes the probe then takes")
 
 
 @dataclass
@@ -56,31 +58,35 @@ class ShapeTable:
         return None if pairs is None else tuple(x for x, _ in pairs)
 
 
-def probe_inputs(proto: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> tuple[dict, dict]:
-    """Two valid feed dicts: symbolic dims at their defaults (or ``dims``), then each one larger by one."""
+def probe_inputs(proto: onnx.ModelProto, dims: Mapping[str, int] | None = None,
+                 shapes: Mapping[str, Sequence[int]] | None = None) -> tuple[dict, dict]:
+    """Two valid feed dicts: symbolic dims at their defaults (or as ``dims`` and ``shapes`` bind them, see
+    ``resolve_shapes``), then each one larger by one."""
     specs = input_specs(proto)
-    resolved = resolve_shapes(specs, None, dims)
+    resolved = resolve_shapes(specs, shapes, dims)
     shapes_b = {
         spec.name: [size if isinstance(declared, int) else size + 1
                     for declared, size in zip(spec.dims or (), resolved[spec.name], strict=True)]
         for spec in specs
     }
-    return generate_inputs(proto, seed=0, dims=dims), generate_inputs(proto, shapes=shapes_b, seed=1)
+    return generate_inputs(proto, shapes=resolved, seed=0), generate_inputs(proto, shapes=shapes_b, seed=1)
 
 
-def probe_shapes(model: Model, proto: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> ShapeTable:
+def probe_shapes(model: Model, proto: onnx.ModelProto, dims: Mapping[str, int] | None = None,
+                 shapes: Mapping[str, Sequence[int]] | None = None) -> ShapeTable:
     """Run the model twice with every node output of the main graph exposed and record the shapes."""
     names = [
         out.name for node in model.graph for out in node.outputs
         if out.name and not out.is_graph_output()
     ]
     loaded = LoadedModel(proto)
-    feeds_a, feeds_b = probe_inputs(proto, dims)
+    feeds_a, feeds_b = probe_inputs(proto, dims, shapes)
     tables = []
     with open_session(loaded, names, label="model (shape probe)") as sess:
         fetch = [o.name for o in sess.get_outputs()]
         for feeds in (feeds_a, feeds_b):
-            values = run_session(sess, feeds, fetch, label="model on generated inputs (shape probe)")
+            values = run_session(sess, feeds, fetch, label="model on generated inputs (shape probe)",
+                                 hint=PROBE_HINT)
             shapes = {k: tuple(int(d) for d in np.shape(v)) for k, v in values.items() if isinstance(v, np.ndarray)}
             shapes.update({k: tuple(int(d) for d in np.shape(v)) for k, v in feeds.items()})
             tables.append(shapes)

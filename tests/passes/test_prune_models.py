@@ -206,3 +206,35 @@ def test_layers_whose_weights_come_through_identity_or_a_computed_bias(tmp_path)
     assert "conv3" in refit and "conv4" not in refit, refit
     got = session(graphopt.to_bytes(model)).run(None, calib[0])[0]
     assert got.shape == (1, 4, 8, 8)
+
+
+def test_the_shape_probe_runs_at_sizes_the_model_accepts(tmp_path, capsys, cli):
+    """A 1-D conv front end (wav2vec2's) needs at least its kernel's length: the probe's default length
+    failed, and the hint named options prune lacked. It now takes --shape (an input's or a symbolic dim's),
+    and otherwise the first calibration sample's shapes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) / 3).astype(np.float32), n)
+             for n, s in [("w1", (16, 1, 10)), ("w2", (16, 16, 3)), ("w3", (4, 16, 1))]]
+    nodes = [helper.make_node("Conv", ["wav", "w1"], ["c1"], strides=[5], name="extract"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="mix"),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "audio", [helper.make_tensor_value_info("wav", TensorProto.FLOAT, [1, 1, "n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "frames"])], inits)
+    src = tmp_path / "audio.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    out = tmp_path / "pruned.onnx"
+    assert cli(["prune", str(src), "-o", str(out), "--ratio", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "(shape probe) on inputs wav[1, 1, " in err and "--shape NAME=DIMS" in err and not out.exists()
+    for shape in ("wav=1x1x400", "n=400"):
+        assert cli(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--json", "--shape", shape]) == 0
+        assert json.loads(capsys.readouterr().out)["macs_kept"] < 0.7
+    calib = [{"wav": rng.standard_normal((1, 1, 400)).astype(np.float32)} for _ in range(4)]
+    model = graphopt.load(str(src))
+    report = prune(model, PruneConfig(flops=0.6, calib=calib))
+    assert report.macs_kept <= 0.6 and report.calibration_samples == 4
+    assert session(graphopt.to_bytes(model)).run(None, calib[0])[0].shape == (1, 4, 77)
