@@ -156,6 +156,9 @@ def batches(samples: Sequence[Sample], proto: onnx.ModelProto, size: int = 16) -
     return out
 
 
+CALIB_HINT = "check that the calibration data fits the model: the failing inputs' shapes are named above"
+
+
 def run_exposed(proto: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Sample],
                 label: str = "model") -> Iterator[dict[str, np.ndarray]]:
     """Run ``proto`` on each feed dict with the values ``names`` exposed; yields {name: array}."""
@@ -163,7 +166,7 @@ def run_exposed(proto: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Sa
     extra = [n for n in dict.fromkeys(names) if n not in graph_outputs]
     with open_session(LoadedModel(proto), extra, label=label) as sess:
         for feed in feeds:
-            yield run_session(sess, feed, list(dict.fromkeys(names)), label=label)
+            yield run_session(sess, feed, list(dict.fromkeys(names)), label=label, hint=CALIB_HINT)
 
 
 def activation_stats(proto: onnx.ModelProto, wanted: Mapping[str, set[int]], feeds: Sequence[Sample],

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from graphopt.passes.prune.calib import CALIB_HINT
 from graphopt.verify.runtime import LoadedModel, open_session, run_session
 
 from .evaluate import run_outputs, session
@@ -38,7 +39,7 @@ def progress_bar(enabled: bool) -> Iterator[Progress | None]:
 def float_tensors(proto: onnx.ModelProto, tensors: Sequence[str], feed: dict[str, np.ndarray]) -> dict[str, str]:
     """{tensor: dtype name} from one run with the tensors exposed (the IR does not always know types)."""
     with open_session(LoadedModel(proto), list(tensors), label="model (calibration)") as sess:
-        values = run_session(sess, feed, list(tensors), label="model (calibration)")
+        values = run_session(sess, feed, list(tensors), label="model (calibration)", hint=CALIB_HINT)
     return {name: str(np.asarray(v).dtype) for name, v in values.items()}
 
 
