@@ -166,3 +166,77 @@ def test_verify_names_the_node_of_a_broken_model(tmp_path, capsys, side):
     code, err = run_cli(args, capsys)
     assert code == 2 and "Traceback" not in err
     assert "dangling edge" in err and "relu_1" in err and "nowhere" in err
+
+
+def _with_bias(bias: onnx.TensorProto) -> onnx.ModelProto:
+    model = small_model()
+    model.graph.node.insert(1, helper.make_node("Add", ["h", "b"], ["hb"], name="add_bias"))
+    model.graph.node[2].input[0] = "hb"
+    model.graph.initializer.append(bias)
+    return model
+
+
+def _bias_with(**changes) -> onnx.TensorProto:
+    bias = numpy_helper.from_array(np.zeros(64, np.float32), "b")
+    for field, value in changes.items():
+        if field == "dims":
+            bias.dims[:] = value
+        else:
+            setattr(bias, field, value)
+    return bias
+
+
+def _typed_bias() -> onnx.TensorProto:
+    bias = onnx.TensorProto(name="b", data_type=T.FLOAT, dims=[64])
+    bias.float_data.extend([0.0] * 32)  # typed storage holding half of the values
+    return bias
+
+
+@pytest.mark.parametrize(("bias", "message"), [
+    (_bias_with(raw_data=bytes(100)), "holds data for 25 FLOAT values, but its dims [64] need 64"),
+    (_bias_with(dims=[128]), "holds data for 64 FLOAT values, but its dims [128] need 128"),
+    (_typed_bias(), "holds data for 32 FLOAT values"),
+    (_bias_with(data_type=99), "unknown element type (99)"),
+    (_bias_with(data_type=T.STRING), "string tensor stored as raw bytes"),
+])
+def test_initializer_data_that_does_not_fit_its_type_and_dims(tmp_path, capsys, bias, message):
+    """Found by mutating zoo models: such initializers crashed the first pass that read them (a reshape
+    error, a KeyError on the element type) with a traceback."""
+    path = unchecked(_with_bias(bias), tmp_path / "m.onnx")
+    expect_failure(path, capsys, tmp_path, "initializer 'b'", message, "'add_bias'")
+
+
+def _constant_with_a_float_value() -> onnx.NodeProto:
+    node = helper.make_node("Constant", [], ["c"], name="const")
+    node.attribute.append(helper.make_attribute("value", 1.5))
+    return node
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m.graph.node[0].input.pop(), "MatMul takes 2 inputs at opset 17, this node has 1"),
+    (lambda m: m.graph.node[0].input.__setitem__(1, ""), "input 1 (B) of MatMul is empty, but it is not optional"),
+    (lambda m: m.graph.node[1].attribute.append(helper.make_attribute("to", 1)), None),  # unknown attr: as is
+    (lambda m: m.graph.node.insert(0, _constant_with_a_float_value()),
+     "attribute 'value' of Constant must be TENSOR, not FLOAT"),
+    (lambda m: m.graph.node.insert(1, helper.make_node("Cast", ["h"], ["hc"], name="cast", to=10**9))
+     or m.graph.node[2].input.__setitem__(0, "hc"), "attribute 'to' of Cast is 1000000000, not an ONNX element type"),
+])
+def test_nodes_that_break_their_schema(tmp_path, capsys, change, message):
+    """A node with too few inputs, an empty required input, an attribute of the wrong type or an element type
+    that does not exist: one error naming the node (passes read inputs by position and attributes by type)."""
+    model = small_model()
+    change(model)
+    path = unchecked(model, tmp_path / "m.onnx")
+    if message is None:
+        assert run_cli(["optimize", path, "-o", str(tmp_path / "out.onnx")], capsys)[0] == 0
+        return
+    expect_failure(path, capsys, tmp_path, message, "(node '")
+
+
+def test_a_declared_input_too_large_to_generate(tmp_path, capsys):
+    model = small_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 123456789  # 58 GiB of float64 samples
+    path = unchecked(model, tmp_path / "m.onnx")
+    code, err = run_cli(["verify", path, path], capsys)
+    assert code == 2 and "input 'x' of shape [123456789, 64] would take 59 GiB to generate" in err
+    assert "--shape NAME=DIMS" in err and "Traceback" not in err

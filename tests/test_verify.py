@@ -496,3 +496,9 @@ def test_report_renders_and_serializes() -> None:
     rendered = console.export_text()
     assert "verification FAILED" in rendered and "mismatch" in rendered and "'n3' (Sub)" in rendered
     assert "first divergence" in str(report)
+
+
+def test_an_empty_mask_is_generated() -> None:
+    """A mask whose last dim is 0 (an empty sequence): generating it indexed its first position and crashed."""
+    model = parse("g (int64[1, n] attention_mask) => (int64[1, n] y) { y = Identity(attention_mask) }")
+    assert generate_inputs(model, {"attention_mask": [1, 0]})["attention_mask"].shape == (1, 0)

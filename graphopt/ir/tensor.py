@@ -151,6 +151,31 @@ class Tensor(ABC):
             return None
         return self.size * self.dtype.itemsize
 
+    def data_problem(self) -> str | None:
+        """Why the data cannot be read as the element type and dims say (None: it can), checked without
+        reading it: an unknown type, negative dims, or a stored length other than the dims need."""
+        try:
+            itemsize = self.dtype.itemsize
+        except (KeyError, ValueError, TypeError):
+            return f"has an unknown element type ({self.elem_type})"
+        if any(d < 0 for d in self.shape):
+            return f"has negative dims {list(self.shape)}"
+        if self.elem_type == onnx.TensorProto.STRING and self._holds_raw_bytes():
+            return "is a string tensor stored as raw bytes, which ONNX does not allow"
+        stored = self._stored_bytes()
+        if stored is not None and stored != self.size * itemsize:
+            kind = onnx.TensorProto.DataType.Name(self.elem_type)
+            dims = list(self.shape)
+            return f"holds data for {stored / itemsize:g} {kind} values, but its dims {dims} need {self.size}"
+        return None
+
+    def _stored_bytes(self) -> int | None:
+        """Bytes of data the tensor holds, where that is known without decoding it."""
+        return None
+
+    def _holds_raw_bytes(self) -> bool:
+        return False
+
     def write_raw(self, out: BinaryIO) -> None:
         """Write the raw little-endian bytes (only when ``raw_length()`` is not None)."""
         out.write(little_endian_bytes(np.asarray(self.numpy(), dtype=self.dtype)))
@@ -208,6 +233,21 @@ class ProtoTensor(Tensor):
     def raw_length(self) -> int | None:
         return None  # already a proto: the exporter writes it as it is
 
+    def _holds_raw_bytes(self) -> bool:
+        return self.proto.HasField("raw_data")
+
+    def _stored_bytes(self) -> int | None:
+        proto = self.proto
+        if self.elem_type == onnx.TensorProto.STRING:
+            return None if proto.HasField("raw_data") else len(proto.string_data) * self.dtype.itemsize
+        if self.elem_type in _PACKED_DTYPES or proto.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        if proto.HasField("raw_data"):
+            return len(proto.raw_data)
+        values = len(getattr(proto, helper.tensor_dtype_to_field(self.elem_type)))
+        per_element = 2 if self.elem_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+        return values // per_element * self.dtype.itemsize if values % per_element == 0 else -1
+
     def to_proto(self) -> onnx.TensorProto:
         return self.proto
 
@@ -238,6 +278,12 @@ class SourceTensor(Tensor):
 
     def raw_length(self) -> int | None:
         return self.length
+
+    def _stored_bytes(self) -> int | None:
+        return None if self.elem_type in _PACKED_DTYPES else self.length
+
+    def _holds_raw_bytes(self) -> bool:
+        return True
 
     def write_raw(self, out: BinaryIO) -> None:
         self.source.copy_to(out, self.offset, self.length)

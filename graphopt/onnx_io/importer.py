@@ -16,6 +16,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.model import Function, Model
 from ..ir.tensor import ArrayTensor, DataSource, ProtoTensor, SourceTensor, Tensor
 from ..ir.types import Attr, AttrType, OpaqueType, OptionalType, SequenceType, TensorType, ValueType
+from .signature import check_signature
 
 _STR = "surrogateescape"  # any bytes survive a decode/encode round trip
 
@@ -42,6 +43,7 @@ class Importer:
     def __init__(self, base_dir: str | None) -> None:
         self.base_dir = os.path.realpath(base_dir) if base_dir is not None else None
         self._sources: dict[str, DataSource] = {}
+        self._opsets: dict[str, int] = {}  # of the model or function being read: nodes are checked against them
 
     # -- model ---------------------------------------------------------------------
     def model(self, proto: onnx.ModelProto, initializers: list[Tensor] | None = None) -> Model:
@@ -65,6 +67,7 @@ class Importer:
             if len(items):
                 model.extras[number] = [item.SerializeToString() for item in items]
         model.functions = [self.function(f) for f in proto.functions]
+        self._opsets = opsets
         model.graph = self.graph(proto.graph, None, initializers)
         return model
 
@@ -72,6 +75,7 @@ class Importer:
         scope = _Scope()
         inputs = [self._define(scope, Value(name), f"function {proto.name}") for name in proto.input]
         graph = Graph(proto.name, inputs=inputs, doc_string=proto.doc_string)
+        self._opsets = {op.domain: op.version for op in proto.opset_import}
         self._nodes(graph, proto.node, scope)
         self._value_info(scope, proto.value_info)
         where = f"output of function {proto.name!r}"
@@ -112,6 +116,10 @@ class Importer:
                 value.type = TensorType(tensor.elem_type, tensor.shape)
             graph.add_initializer(value)
         self._nodes(graph, proto.node, scope)
+        for value in graph.initializers.values():
+            if problem := value.const.data_problem():
+                readers = [user.label() for user in value.users()]
+                raise ModelLoadError(f"initializer {value.name!r} {problem}", node=readers[0] if readers else None)
         self._value_info(scope, proto.value_info)
         for vi in proto.output:
             value = self._resolve(scope, vi.name, f"output of graph {graph.name!r}")
@@ -142,6 +150,9 @@ class Importer:
             ])
             for attr in proto.attribute:
                 node.set_attr(attr.name, self.attr(attr, scope))
+                if isinstance(value := node.attrs[attr.name].value, Tensor) and (problem := value.data_problem()):
+                    raise ModelLoadError(f"attribute {attr.name!r} {problem}", node=node.label())
+            check_signature(node, self._opsets)
 
     def _value_info(self, scope: _Scope, infos) -> None:
         for vi in infos:

@@ -22,6 +22,7 @@ in the same way and nothing is verified:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import zipfile
@@ -33,7 +34,7 @@ import numpy as np
 import onnx
 
 from graphopt.verify.errors import VerificationError
-from graphopt.verify.runtime import LoadedModel, ModelLike, load_model
+from graphopt.verify.runtime import RUN_HINT, LoadedModel, ModelLike, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ BATCH_DIM_DEFAULT = 1
 SYMBOLIC_DIM_DEFAULT = 8
 INT_RANGE_DEFAULT = (0, 8)
 MASK_ZERO_FRACTION = 0.2
+MAX_GENERATED_BYTES = 2**32  # an input declared larger than this is a mistake or needs --shape
 
 Dim = int | str | None
 _BATCH_DIM = re.compile(r"batch|^(n|b|bs)$", re.IGNORECASE)
@@ -180,6 +182,13 @@ def generate_inputs(
     unknown = set(ranges) - {s.name for s in specs}
     if unknown:
         raise VerificationError(f"value range given for {sorted(unknown)}, not inputs: {_names(specs)}")
+    for spec in specs:
+        shape = resolved[spec.name]
+        if any(d < 0 for d in shape):
+            raise VerificationError(f"input {spec.name!r} has a negative dim: {list(shape)}", hint=RUN_HINT)
+        if (size := math.prod(shape) * 8) > MAX_GENERATED_BYTES:  # drawn as float64 first
+            raise VerificationError(f"input {spec.name!r} of shape {list(shape)} would take {size / 2**30:.0f} GiB "
+                                    "to generate", hint=RUN_HINT)
     bounds = index_bounds(proto.graph)
     result = {}
     for spec in specs:
@@ -219,7 +228,7 @@ def _sample(
 
 def _mask(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     mask = rng.random(shape) >= MASK_ZERO_FRACTION
-    if mask.ndim:
+    if mask.ndim and mask.shape[-1]:  # every row keeps its first position
         mask[..., 0] = True
     return mask
 
