@@ -142,6 +142,9 @@ def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig |
         report.budget_met = report.output_error["metric"] <= config.max_error
     report.quantized_nodes = len(inserted.quantized)
     report.notes += inserted.notes
+    if not inserted.quantized:
+        report.notes.append("no node was quantized (each one's reason is in the table): the output is the float "
+                            "model, with graphopt's lossless fusions unless they were turned off")
     report.layers = inserted.weights + _activation_errors(fp32, quantized, inserted, job.sens_feeds[:SQNR_SAMPLES])
     report.kept_float = plan.kept_float + report.kept_float  # + those the budget and latency steps gave back
     report.size_bytes = {"fp32": len(fp32), "quantized": len(quantized)}

@@ -519,5 +519,6 @@ def test_a_float16_model_stays_float_with_the_reason(mode):
     assert report.quantized_nodes == 0
     (kept,) = [f for f in report.kept_float if f.node == "proj"]
     assert kept.reason == "unsupported" and "float16 weight" in kept.detail
+    assert any(note.startswith("no node was quantized") for note in report.notes)
     assert output_errors(run_outputs(proto.SerializeToString(), calib),
                          run_outputs(graphopt.to_bytes(model), calib))["cosine"] == pytest.approx(1.0)
