@@ -25,8 +25,8 @@ def draws_random(op_type: str, domain: str, inputs: Sequence[object]) -> bool:
     return op_type in RANDOM_OPS or (op_type == "Dropout" and len(inputs) > 2 and bool(inputs[2]))
 
 
-def seed_value(op_type: str, key: str) -> int | float:
-    """A seed derived from ``key`` (the node's name): an int for Dropout's attribute, a float (exact below
-    2**24) for the others'."""
-    value = zlib.crc32(key.encode()) % 2**24
+def seed_value(op_type: str, name: str, first_output: str) -> int | float:
+    """A seed derived from the node's name (its first output's if it has none): an int for Dropout's
+    attribute, a float (exact below 2**24) for the others'."""
+    value = zlib.crc32((name or first_output).encode()) % 2**24
     return value if op_type == "Dropout" else float(value)

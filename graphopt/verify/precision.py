@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from graphopt.onnx_io.signature import DTYPE_ATTRIBUTES
 from graphopt.onnx_io.walk import graphs_within, node_reads, subgraphs
 
 from .bisect import topological_order
@@ -72,7 +73,7 @@ def _declared(node: onnx.NodeProto, eps_of) -> float:
 
 def _attribute_eps(node: onnx.NodeProto, eps_of) -> Iterator[float]:
     for attr in node.attribute:
-        if attr.name in ("to", "dtype", "output_dtype") and attr.type == onnx.AttributeProto.INT:
+        if attr.name in DTYPE_ATTRIBUTES and attr.type == onnx.AttributeProto.INT:
             yield eps_of(attr.i)
         elif attr.type == onnx.AttributeProto.TENSOR:
             yield eps_of(attr.t.data_type)

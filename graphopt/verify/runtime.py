@@ -138,7 +138,7 @@ def unseeded_random_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
 def _seeded(nodes: Sequence[onnx.NodeProto]) -> Iterator[None]:
     """Give each node a seed derived from its name (or first output's) while the block runs."""
     for node in nodes:
-        node.attribute.append(onnx.helper.make_attribute("seed", seed_value(node.op_type, node.name or node.output[0])))
+        node.attribute.append(onnx.helper.make_attribute("seed", seed_value(node.op_type, node.name, node.output[0])))
     try:
         yield
     finally:

@@ -32,7 +32,7 @@ from .dynamic import insert_dynamic
 from .evaluate import Outputs, metric_value, output_errors, paired_latency, run_outputs, session
 from .observe import float_tensors, observe, progress_bar
 from .optable import STATIC_KINDS, WEIGHT_KINDS, fused_kinds, saturating_u8s8, speedup
-from .plan import Plan, make_plan, observed_tensors
+from .plan import Candidate, Plan, make_plan, observed_tensors
 from .prepare import spatial_means_to_pooling
 from .qdq import Inserted, insert_static, insert_weight_only
 from .qparams import qrange
@@ -65,6 +65,7 @@ MIN_SPAN = 1e-17
 KEEP_SMOOTHING = 0.9  # kept where the output error drops by a tenth: an unfolded 1/s is one more op per activation
 
 Calibration = CalibSource | Iterable[Mapping[str, np.ndarray]]
+Ranges = Mapping[str, tuple[float, float]]  # tensor name -> calibrated (low, high)
 
 
 def quantize(model: Model | ModelLike, calib: Calibration, config: QuantConfig | None = None
@@ -159,7 +160,7 @@ def _seed_random_ops(model: Model) -> set[str]:
     seeded = set()
     for node in model.nodes():
         if draws_random(node.op_type, node.domain, node.inputs) and "seed" not in node.attrs:
-            node.attrs["seed"] = Attr.infer("seed", seed_value(node.op_type, node.name or node.outputs[0].name))
+            node.attrs["seed"] = Attr.infer("seed", seed_value(node.op_type, node.name, node.outputs[0].name))
             seeded.add(node.outputs[0].name)
     return seeded
 
@@ -258,61 +259,61 @@ def _plan_and_ranges(model: Model, samples, config: QuantConfig
             del plan.candidates[name]
             plan.kept_float.append(FloatNode(name, cand.node.op_type, UNSUPPORTED,
                                              f"{missing[0]} is {dtypes.get(missing[0], 'not float')}"))
-    _float_concats_of_unequal_ranges(plan, ranges)
-    _float_sums_with_a_mask(plan, ranges)
-    _float_nodes_of_vanishing_ranges(plan, ranges, absorb=not config.symmetric)
+    _float_where_ranges_do_not_fit(plan, ranges, absorb=not config.symmetric)
     return plan, ranges, reference
 
 
-def _float_concats_of_unequal_ranges(plan: Plan, ranges: Mapping[str, tuple[float, float]]) -> None:
+def _unequal_concat(cand: Candidate, ranges: Ranges, absorb: bool) -> str | None:
     """An int8 Concat copies its inputs at one scale (their union range), so an input spanning a small part
     of that range keeps only a few levels: ViT's class token, concatenated with the patch embeddings,
     came out at 9 dB SQNR, and the class-token output row, the one a classifier reads, had 3x the error
     (1 - cos 0.00098 against 0.00034 with the Concat float)."""
-    for name, cand in list(plan.candidates.items()):
-        if cand.kind != "Concat":
-            continue
-        inputs = [cand.node.inputs[i].name for i in cand.activations]
-        spans = {n: ranges[n][1] - ranges[n][0] for n in inputs}
-        union = max(ranges[n][1] for n in inputs) - min(ranges[n][0] for n in inputs)
-        narrow = min(spans, key=spans.__getitem__)
-        if spans[narrow] < union * CONCAT_MIN_SPAN:
-            del plan.candidates[name]
-            plan.kept_float.append(FloatNode(name, cand.node.op_type, RANGES,
-                                             f"input {narrow} spans {spans[narrow]:.3g} of the {union:.3g} its "
-                                             "int8 copy would share: too few levels left for it"))
+    if cand.kind != "Concat":
+        return None
+    inputs = [cand.node.inputs[i].name for i in cand.activations]
+    spans = {n: ranges[n][1] - ranges[n][0] for n in inputs}
+    union = max(ranges[n][1] for n in inputs) - min(ranges[n][0] for n in inputs)
+    narrow = min(spans, key=spans.__getitem__)
+    if spans[narrow] >= union * CONCAT_MIN_SPAN:
+        return None
+    return (f"input {narrow} spans {spans[narrow]:.3g} of the {union:.3g} its int8 copy would share: too few "
+            "levels left for it")
 
 
-def _float_sums_with_a_mask(plan: Plan, ranges: Mapping[str, tuple[float, float]]) -> None:
+def _sum_with_a_mask(cand: Candidate, ranges: Ranges, absorb: bool) -> str | None:
     """A node adding an attention mask's sentinel (-3.4e38, -1e9, -10000 where a position is masked) to scores
     of a few units: int8 would spend every level of the sum on the sentinel, and the softmax after it would
     read garbage (T5's encoder, whose position bias carries the mask: output cosine 0.94 with the Add int8)."""
-    for name, cand in list(plan.candidates.items()):
-        reach = {n: max(abs(ranges[n][0]), abs(ranges[n][1])) for n in (cand.node.inputs[i].name
-                                                                         for i in cand.activations)}
-        if len(reach) < 2:  # one activation, or the same one twice (x * x)
-            continue
-        widest = max(reach, key=reach.__getitem__)
-        others = max(r for n, r in reach.items() if n != widest)
-        if reach[widest] >= MASK_SENTINEL and reach[widest] >= MASK_RATIO * others:
-            del plan.candidates[name]
-            plan.kept_float.append(FloatNode(name, cand.node.op_type, RANGES,
-                                             f"input {widest} reaches {reach[widest]:.3g}, {MASK_RATIO:g}x beyond "
-                                             f"the other inputs ({others:.3g}): a mask's sentinel"))
+    reach = {n: max(abs(ranges[n][0]), abs(ranges[n][1])) for n in (cand.node.inputs[i].name for i in cand.activations)}
+    if len(reach) < 2:  # one activation, or the same one twice (x * x)
+        return None
+    widest = max(reach, key=reach.__getitem__)
+    others = max(r for n, r in reach.items() if n != widest)
+    if reach[widest] < MASK_SENTINEL or reach[widest] < MASK_RATIO * others:
+        return None
+    return (f"input {widest} reaches {reach[widest]:.3g}, {MASK_RATIO:g}x beyond the other inputs ({others:.3g}): "
+            "a mask's sentinel")
 
 
-def _float_nodes_of_vanishing_ranges(plan: Plan, ranges: Mapping[str, tuple[float, float]], absorb: bool) -> None:
+def _vanishing_range(cand: Candidate, ranges: Ranges, absorb: bool) -> str | None:
     """Activations that shrink towards zero (an EfficientNet with random weights reached 1e-45 by its fifth
     block) would get a scale of 0: the nodes reading or writing them stay float. Every such node is found
     from both sides, so no QuantizeLinear is left on the tensor."""
+    spans = {t: max(ranges[t][1], 0.0) - min(ranges[t][0], 0.0) for t in observed_tensors(cand, absorb) if t in ranges}
+    tiny = [t for t, span in spans.items() if 0 < span < MIN_SPAN]
+    return f"{tiny[0]} spans only {spans[tiny[0]]:.3g}: its int8 scale would underflow float32" if tiny else None
+
+
+#: Calibrated ranges that int8 cannot represent well: each rule gives why its node stays float, or None.
+RANGE_RULES: tuple[Callable[[Candidate, Ranges, bool], str | None], ...] = (
+    _unequal_concat, _sum_with_a_mask, _vanishing_range)
+
+
+def _float_where_ranges_do_not_fit(plan: Plan, ranges: Ranges, absorb: bool) -> None:
     for name, cand in list(plan.candidates.items()):
-        spans = {t: max(ranges[t][1], 0.0) - min(ranges[t][0], 0.0)
-                 for t in observed_tensors(cand, absorb) if t in ranges}
-        if tiny := [t for t, span in spans.items() if 0 < span < MIN_SPAN]:
+        if why := next((w for rule in RANGE_RULES if (w := rule(cand, ranges, absorb))), None):
             del plan.candidates[name]
-            plan.kept_float.append(FloatNode(name, cand.node.op_type, RANGES,
-                                             f"{tiny[0]} spans only {spans[tiny[0]]:.3g}: its int8 scale would "
-                                             "underflow float32"))
+            plan.kept_float.append(FloatNode(name, cand.node.op_type, RANGES, why))
 
 
 def _known_dtypes(model: Model, tensors) -> dict[str, str]:

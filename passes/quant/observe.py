@@ -87,7 +87,7 @@ def observe(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Sequence[dict
     reference = []
     for number, feed in enumerate(feeds):
         values = run_outputs(sess, [feed], label=f"model on calibration sample {number}",
-                             hint="check that sample's shapes against the model's inputs")[0]
+                             hint=CALIB_HINT)[0]
         if len(reference) < keep_outputs:
             reference.append({k: values[k] for k in model_outputs})
         for i, name in enumerate(tensors):
