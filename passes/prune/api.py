@@ -33,7 +33,7 @@ from .cost import group_cost, model_cost
 from .groups import Analysis, analyze, default_protected
 from .importance import CRITERIA, importance
 from .plan import FILTER_SET, choose, cpu_block, drop_branches_to_fit, fill_budget, plan_flops, plan_ratio
-from .probe import ShapeTable, probe_inputs, probe_shapes
+from .probe import ShapeTable, probe_shapes
 from .reconstruct import own_input, reconstruct
 from .renorm import BN_STATS
 from .report import GroupReport, PruneReport
@@ -114,7 +114,7 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
     if latency:
         round_to, set_size = round_to if round_to > 1 else cpu_block(), FILTER_SET
     if config.allocate == "latency":
-        measure = onnxruntime_measure(original, shapes, protect, probe_inputs(original, config.dims, sizes)[0])
+        measure = onnxruntime_measure(original, shapes, protect, shapes.feeds)
         plan = allocate_latency(analysis, prunable, config.flops, round_to, set_size, measure)
         target = f"keep {100 * config.flops:g}% of MACs, counts by measured onnxruntime time"
     elif config.ratio is not None:
@@ -161,7 +161,7 @@ def prune(model: Model, config: PruneConfig) -> PruneReport:
     if config.flops is not None and macs1 > config.flops * macs0 * 1.001:
         report.notes.append(f"FLOPs target not reached: blocked groups keep {100 * macs1 / macs0:.1f}% of the MACs")
     if config.verify:
-        check_interface(original, model, shapes, probe_inputs(original, config.dims, sizes)[0])
+        check_interface(original, model, shapes)
     if feeds:
         report.output_sqnr_db = output_sqnr(original, graphopt.to_proto(model), feeds)
     log.info("pruned: MACs %.0f -> %.0f, params %.0f -> %.0f", macs0, macs1, params0, params1)
@@ -211,10 +211,9 @@ def _rows(analysis: Analysis, removal: Mapping[int, np.ndarray], removed: Mappin
     return rows
 
 
-def check_interface(original: onnx.ModelProto, model: Model, shapes: ShapeTable, feeds: Mapping[str, np.ndarray]
-                    ) -> None:
-    """The pruned model runs in onnxruntime on ``feeds`` (the shape probe's first) and keeps the original's
-    input/output names and shapes."""
+def check_interface(original: onnx.ModelProto, model: Model, shapes: ShapeTable) -> None:
+    """The pruned model runs in onnxruntime on the shape probe's inputs and keeps the original's input/output
+    names and shapes."""
     pruned = graphopt.to_proto(model)
     names = ([i.name for i in original.graph.input], [o.name for o in original.graph.output])
     got = ([i.name for i in pruned.graph.input], [o.name for o in pruned.graph.output])
@@ -222,7 +221,7 @@ def check_interface(original: onnx.ModelProto, model: Model, shapes: ShapeTable,
         raise GraphoptError(f"pruning changed the model's interface: {names} -> {got}")
     try:
         with open_session(LoadedModel(pruned), label="pruned model") as sess:
-            values = run_session(sess, feeds)
+            values = run_session(sess, shapes.feeds)
     except Exception as exc:  # noqa: BLE001 - any failure here is a pruning bug worth one clear message
         raise GraphoptError(f"the pruned model does not run in onnxruntime: {exc}") from exc
     for out in original.graph.output:

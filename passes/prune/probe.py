@@ -31,10 +31,12 @@ PROBE_HINT = ("give input sizes the model accepts (--shape NAME=DIMS or --shape 
 
 @dataclass
 class ShapeTable:
-    """Per value name, its shape in probe A and in probe B (same rank)."""
+    """Per value name, its shape in probe A and in probe B (same rank); ``feeds``: probe A's inputs, which the
+    model is known to run on."""
 
     a: dict[str, tuple[int, ...]]
     b: dict[str, tuple[int, ...]]
+    feeds: dict[str, np.ndarray]
 
     def pairs(self, value: Value | None) -> tuple[Pair, ...] | None:
         """The value's dims as (probe A, probe B) pairs; None when unknown (not a tensor, not reached)."""
@@ -92,4 +94,4 @@ def probe_shapes(model: Model, proto: onnx.ModelProto, dims: Mapping[str, int] |
             tables.append(shapes)
             del values
     log.debug("probed the shapes of %d values", len(tables[0]))
-    return ShapeTable(*tables)
+    return ShapeTable(*tables, feeds_a)
